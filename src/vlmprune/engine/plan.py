@@ -1,0 +1,178 @@
+"""`Plan`: a pruning decision as plain, validated data.
+
+A plan says, per sample, which visual tokens survive from which decoder layer on, and which decoder
+layers do not run. It is enough on its own to execute (the engine) and to price (FLOPs), and it
+round-trips through JSON.
+
+Semantics (also in the README):
+
+* ``keep={K: idx}``: ``idx`` lists, per sample, indices into that sample's visual tokens
+  (``0 .. n_visual-1``, counted in sequence order from ``input_ids == image_token_id``) that survive
+  *from decoder layer K on*. Layers ``< K`` see every token; layers ``>= K`` see only the kept visual
+  tokens (and every text token). ``K = 0`` drops tokens before the first layer. ``idx`` is a
+  ``LongTensor [batch, k]`` (every sample keeps ``k``) or a list of 1-D tensors (ragged counts).
+  Order inside a row does not matter; tokens always stay in their original sequence order.
+* Several stages are allowed; indices always refer to the *original* visual-token numbering, and a
+  later stage must keep a subset of the earlier one (a dropped token never comes back).
+* ``skip=[i, j]``: decoder layers ``i`` and ``j`` are not run for any sample; ``skip=[[...], [...]]``
+  gives one list per sample.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..errors import VlmpruneError
+
+KeepRows = tuple[torch.Tensor, ...]  # one sorted 1-D LongTensor per sample
+
+
+def _as_rows(layer: int, idx: Any) -> KeepRows:
+    if isinstance(idx, torch.Tensor):
+        if idx.dim() == 1:
+            raise VlmpruneError(
+                f"Plan.keep[{layer}] is 1-D; give a [batch, k] LongTensor (use idx[None] for one sample)"
+            )
+        if idx.dim() != 2:
+            raise VlmpruneError(f"Plan.keep[{layer}] must be a [batch, k] LongTensor, got shape {tuple(idx.shape)}")
+        rows = list(idx)
+    elif isinstance(idx, Sequence) and not isinstance(idx, (str, bytes)):
+        rows = [torch.as_tensor(r) for r in idx]
+    else:
+        raise VlmpruneError(f"Plan.keep[{layer}] must be a [batch, k] LongTensor or a list of 1-D tensors")
+    out = []
+    for b, row in enumerate(rows):
+        if row.dtype.is_floating_point or row.dtype == torch.bool or row.dim() != 1:
+            raise VlmpruneError(f"Plan.keep[{layer}] row {b}: indices must be a 1-D integer tensor")
+        row = row.detach().to("cpu", torch.long)
+        if row.numel() and int(row.min()) < 0:
+            raise VlmpruneError(f"Plan.keep[{layer}] row {b}: negative index {int(row.min())}; indices count from 0")
+        uniq = torch.unique(row)  # sorted
+        if uniq.numel() != row.numel():
+            raise VlmpruneError(f"Plan.keep[{layer}] row {b}: duplicated visual-token indices; each index at most once")
+        out.append(uniq)
+    return tuple(out)
+
+
+def _as_skip(skip: Any) -> tuple[frozenset[int], ...] | frozenset[int]:
+    """A frozenset (same for every sample) or one frozenset per sample."""
+    items = list(skip)
+    if any(isinstance(s, (list, tuple, set, frozenset, torch.Tensor)) for s in items):
+        return tuple(frozenset(int(i) for i in (s.tolist() if isinstance(s, torch.Tensor) else s)) for s in items)
+    return frozenset(int(i) for i in items)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which visual tokens survive from which layer on, and which decoder layers are skipped.
+
+    Example::
+
+        plan = Plan(keep={2: torch.tensor([[0, 5, 9]])}, skip=[6])  # batch 1: keep 3 tokens from layer 2 on
+    """
+
+    keep: Mapping[int, Any] = field(default_factory=dict)
+    skip: Any = ()
+
+    def __post_init__(self) -> None:
+        keep: dict[int, KeepRows] = {}
+        for layer, idx in sorted(dict(self.keep).items()):
+            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+                raise VlmpruneError(f"Plan.keep layer {layer!r} must be an integer >= 0 (a decoder layer index)")
+            keep[layer] = _as_rows(layer, idx)
+        sizes = {len(rows) for rows in keep.values()}
+        if len(sizes) > 1:
+            raise VlmpruneError(f"Plan.keep stages disagree on the batch size: {sorted(sizes)}")
+        skip = _as_skip(self.skip)
+        for s in (skip if isinstance(skip, tuple) else (skip,)):
+            if any(i < 0 for i in s):
+                raise VlmpruneError(f"Plan.skip has a negative layer index: {sorted(s)}")
+        if isinstance(skip, tuple) and sizes and len(skip) not in sizes:
+            raise VlmpruneError(f"Plan.skip has {len(skip)} per-sample lists but keep has batch {sizes.pop()}")
+        object.__setattr__(self, "keep", keep)
+        object.__setattr__(self, "skip", skip)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def is_empty(self) -> bool:
+        """True when the plan drops nothing and skips nothing."""
+        skips = self.skip if isinstance(self.skip, tuple) else (self.skip,)
+        return not self.keep and not any(skips)
+
+    @property
+    def batch_size(self) -> int | None:
+        """The batch size the plan is written for, or None if it fits any batch."""
+        for rows in self.keep.values():
+            return len(rows)
+        return len(self.skip) if isinstance(self.skip, tuple) else None
+
+    def skip_sets(self, batch: int) -> tuple[frozenset[int], ...]:
+        """One set of skipped layers per sample."""
+        if isinstance(self.skip, tuple):
+            return self.skip
+        return (self.skip,) * batch
+
+    def validate(self, n_layers: int, n_visual: Sequence[int]) -> None:
+        """Check the plan against a model depth and each sample's visual-token count."""
+        batch = len(n_visual)
+        if self.batch_size is not None and self.batch_size != batch:
+            raise VlmpruneError(f"the plan is for batch {self.batch_size} but the input has batch {batch}")
+        for skip in self.skip_sets(batch):
+            bad = sorted(i for i in skip if i >= n_layers)
+            if bad:
+                raise VlmpruneError(f"Plan.skip layer {bad[0]} is out of range: the model has layers 0..{n_layers - 1}")
+        previous: KeepRows | None = None
+        for layer, rows in self.keep.items():
+            if layer >= n_layers:
+                raise VlmpruneError(
+                    f"Plan.keep stage K={layer} is out of range: the model has decoder layers 0..{n_layers - 1}"
+                )
+            for b, row in enumerate(rows):
+                if row.numel() and int(row.max()) >= n_visual[b]:
+                    raise VlmpruneError(
+                        f"Plan.keep[{layer}] row {b}: index {int(row.max())} is out of range; "
+                        f"sample {b} has visual tokens 0..{n_visual[b] - 1}"
+                    )
+                if previous is not None and not bool(torch.isin(row, previous[b]).all()):
+                    raise VlmpruneError(
+                        f"Plan.keep[{layer}] row {b} keeps tokens dropped at an earlier stage; "
+                        "later stages must keep a subset of earlier ones"
+                    )
+            previous = rows
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict:
+        skip = [sorted(s) for s in self.skip] if isinstance(self.skip, tuple) else sorted(self.skip)
+        return {"keep": {str(k): [r.tolist() for r in rows] for k, rows in self.keep.items()}, "skip": skip}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Plan":
+        unknown = set(data) - {"keep", "skip"}
+        if unknown:
+            raise VlmpruneError(f"unknown Plan fields {sorted(unknown)}; a plan has 'keep' and 'skip'")
+        keep = {int(k): [torch.tensor(r, dtype=torch.long) for r in rows] for k, rows in data.get("keep", {}).items()}
+        return cls(keep=keep, skip=data.get("skip", ()))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.from_dict(json.loads(text))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Plan) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+    def __repr__(self) -> str:
+        stages = ", ".join(
+            f"K={k}: keep {'/'.join(str(r.numel()) for r in rows)}" for k, rows in self.keep.items()
+        ) or "no token stages"
+        skip = [sorted(s) for s in self.skip] if isinstance(self.skip, tuple) else sorted(self.skip)
+        return f"Plan({stages}; skip={skip})"

@@ -1,0 +1,215 @@
+"""The decoder loop: prefill with a plan (and in-model policies), then one-token decode steps.
+
+Prefill runs the layers the plan keeps. At a stage layer K it gathers the kept tokens (hidden
+states, original positions, mask) before running K; each layer's KV cache therefore holds only
+what that layer saw, and skipped layers compute and store nothing. Decode continues from the
+original prompt length through the same per-layer caches and skip sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+from ..errors import VlmpruneError
+from ..models.base import Adapter, PreparedInputs
+from .cache import LayerwiseKVCache
+from .plan import KeepRows, Plan, _as_rows
+from .sequence import TokenState, decode_mask, prefill_mask
+from .stats import RunStats
+
+
+class LayerPolicy(Protocol):
+    """A method that decides inside the LLM (FastV, PDrop, ...): the engine calls it before `layers`."""
+
+    layers: Sequence[int]
+
+    def select(self, layer: int, view: "StageView") -> torch.Tensor | Sequence[torch.Tensor]:
+        """Per-sample visual-token indices (original numbering) that survive from `layer` on."""
+        ...
+
+
+@dataclass
+class StageView:
+    """What a policy may read at a stage: the current tokens and cheap attention rows of the last layer run."""
+
+    adapter: Adapter
+    state: TokenState
+    cache: LayerwiseKVCache
+    last_layer: int | None  # the last layer that ran for every sample in the current layout
+    last_input: torch.Tensor | None  # that layer's input hidden states [B, L, D]
+
+    def attention_rows(self, query_index: torch.Tensor) -> torch.Tensor:
+        """``[B, H, R, L]`` attention probabilities of queries ``query_index [B, R]`` in the last layer run."""
+        if self.last_layer is None:
+            raise VlmpruneError("no decoder layer ran before this stage, so there are no attention scores to use")
+        rows = query_index.clamp(min=0)
+        hidden = self.last_input.gather(1, rows[..., None].expand(-1, -1, self.last_input.shape[-1]))
+        positions = self.state.positions.gather(2, rows[None].expand(self.state.positions.shape[0], -1, -1))
+        return self.adapter.attention_rows(
+            self.last_layer,
+            hidden,
+            rows,
+            positions,
+            self.cache.keys[self.last_layer],
+            self.cache.key_valid[self.last_layer],
+        )
+
+    def last_token_index(self) -> torch.Tensor:
+        """``[B, 1]`` the index of each sample's last real token (FastV's query)."""
+        return self.state.last_index()[:, None]
+
+    def visual_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Map per-key scores ``[B, L]`` to per-visual-token scores ``[B, n_visual_max]`` (-inf where absent)."""
+        n_cols = int(self.state.visual_index.max()) + 1
+        out = torch.full((scores.shape[0], n_cols), float("-inf"), dtype=scores.dtype, device=scores.device)
+        b_idx, t_idx = (self.state.visual_index >= 0).nonzero(as_tuple=True)
+        out[b_idx, self.state.visual_index[b_idx, t_idx]] = scores[b_idx, t_idx]
+        return out
+
+
+@dataclass
+class PrefillResult:
+    logits: torch.Tensor  # [B, L_out, V]
+    token_index: torch.Tensor  # [B, L_out] original prompt index of each logits row, -1 for padding slots
+    last_logits: torch.Tensor  # [B, V] logits at each sample's last real token
+    cache: LayerwiseKVCache
+    next_position: torch.Tensor  # [B]
+    stats: RunStats
+
+
+def _layer_rows(plan: Plan, batch: int, n_layers: int, device) -> list[torch.Tensor | None | str]:
+    """Per layer: None (all samples run it), 'none' (no sample does) or a LongTensor of the samples that do."""
+    skips = plan.skip_sets(batch)
+    out: list = []
+    for layer in range(n_layers):
+        running = [b for b in range(batch) if layer not in skips[b]]
+        if len(running) == batch:
+            out.append(None)
+        elif not running:
+            out.append("none")
+        else:
+            out.append(torch.tensor(running, device=device))
+    return out
+
+
+def _run_layer(layer, hidden, rows, mask, rope, cache):
+    """Run one decoder layer for the samples in `rows` (None = all); `mask` is already for those rows."""
+    cos, sin = rope
+    if rows is None:
+        return layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), past_key_values=cache, use_cache=True)
+    sub = layer(
+        hidden[rows],
+        attention_mask=mask,
+        position_embeddings=(cos[rows], sin[rows]),
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return hidden.index_copy(0, rows, sub)
+
+
+def prefill(
+    adapter: Adapter,
+    prep: PreparedInputs,
+    plan: Plan,
+    policies: Sequence[LayerPolicy] = (),
+    logits_to_keep: int = 0,
+) -> PrefillResult:
+    """Run the decoder over a prepared batch under a plan.
+
+    ``logits_to_keep=0`` returns logits for every token that reaches the head (in original order,
+    ``token_index`` maps rows to prompt indices); ``1`` returns only each sample's last real token.
+    """
+    dec = adapter.decoder
+    n_layers = dec.n_layers
+    batch = prep.input_ids.shape[0]
+    plan.validate(n_layers, prep.n_visual)
+    by_layer: dict[int, LayerPolicy] = {}
+    for policy in policies:
+        for layer in policy.layers:
+            if layer in plan.keep or layer in by_layer:
+                raise VlmpruneError(f"two token decisions at layer {layer}; give each stage to one method")
+            if not 0 <= layer < n_layers:
+                raise VlmpruneError(f"a policy decides at layer {layer}, outside 0..{n_layers - 1}")
+            by_layer[layer] = policy
+
+    state = TokenState.from_prepared(prep)
+    cache = LayerwiseKVCache(n_layers, batch)
+    layer_rows = _layer_rows(plan, batch, n_layers, prep.input_ids.device)
+    stages: dict[int, KeepRows] = dict(plan.keep)
+    tokens = torch.zeros(batch, n_layers, dtype=torch.long)
+    visual = torch.zeros_like(tokens)
+    ran = torch.zeros(batch, n_layers, dtype=torch.bool)
+    mask = rope = None
+    last_layer, last_input = None, None
+    dtype = state.hidden.dtype
+
+    for i, layer in enumerate(dec.layers):
+        if i in by_layer:
+            view = StageView(adapter, state, cache, last_layer, last_input)
+            chosen = _as_rows(i, by_layer[i].select(i, view))
+            Plan(keep={i: chosen}).validate(n_layers, prep.n_visual)
+            stages[i] = _restrict(chosen, state.kept_visual(), i)
+        if i in stages:
+            state = state.keep_visual(stages[i])
+            mask = rope = None
+            last_layer, last_input = None, None
+        tokens[:, i] = state.token_counts().cpu()
+        visual[:, i] = state.visual_counts().cpu()
+        rows = layer_rows[i]
+        if isinstance(rows, str):  # no sample runs this layer
+            continue
+        if rope is None:  # once per layout: rotary tables and mask for the current tokens
+            rope = adapter.rotary(state.hidden, state.positions)
+            mask = prefill_mask(state.valid, adapter.attn_implementation, dtype)
+        cache.key_valid[i] = state.valid if rows is None else state.valid[rows]
+        cache.rows[i] = rows
+        hidden_in = state.hidden
+        row_mask = mask if mask is None or rows is None else mask[rows]
+        state.hidden = _run_layer(layer, hidden_in, rows, row_mask, rope, cache)
+        ran[:, i] = True if rows is None else torch.zeros(batch, dtype=torch.bool).index_fill(0, rows.cpu(), True)
+        if rows is None:
+            last_layer, last_input = i, hidden_in
+
+    last = state.last_index()
+    b = torch.arange(batch, device=last.device)
+    if logits_to_keep == 1:
+        hidden, token_index = state.hidden[b, last][:, None], state.source_index[b, last][:, None]
+    elif logits_to_keep == 0:
+        hidden, token_index = state.hidden, state.source_index
+    else:
+        raise VlmpruneError("logits_to_keep must be 0 (every token) or 1 (each sample's last token)")
+    logits = dec.lm_head(dec.norm(hidden))
+    last_logits = logits[:, -1] if logits_to_keep == 1 else logits[b, last]
+    applied = Plan(keep=stages, skip=plan.skip)
+    stats = RunStats(tokens, visual, ran, cache.entries(), applied, cache.nbytes())
+    return PrefillResult(logits, token_index, last_logits, cache, prep.next_position, stats)
+
+
+def _restrict(chosen: KeepRows, present: KeepRows, layer: int) -> KeepRows:
+    for b, (row, have) in enumerate(zip(chosen, present)):
+        if not bool(torch.isin(row, have).all()):
+            raise VlmpruneError(f"the decision at layer {layer} keeps visual tokens of sample {b} that were dropped earlier")
+    return chosen
+
+
+def decode_step(adapter: Adapter, cache: LayerwiseKVCache, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One new token per sample (``token_ids [B]`` at rotary ``positions [B]``) through the cached layers.
+
+    Returns ``[B, V]`` logits. Layers that did not run at prefill do not run here either.
+    """
+    dec = adapter.decoder
+    hidden = dec.embed_tokens(token_ids[:, None])  # (B, 1, D)
+    pos = positions.view(1, -1, 1).expand(adapter.position_axes, -1, -1)
+    rope = adapter.rotary(hidden, pos)
+    for i, layer in enumerate(dec.layers):
+        if not cache.runs(i):
+            continue
+        rows = cache.rows[i]
+        grown = torch.ones(cache.key_valid[i].shape[0], 1, dtype=torch.bool, device=hidden.device)
+        cache.key_valid[i] = torch.cat([cache.key_valid[i], grown], dim=1)
+        mask = decode_mask(cache.key_valid[i], adapter.attn_implementation, hidden.dtype)
+        hidden = _run_layer(layer, hidden, rows, mask, rope, cache)
+    return dec.lm_head(dec.norm(hidden))[:, -1]

@@ -1,0 +1,109 @@
+"""The token sequence the decoder works on, and the one place where tokens are physically dropped.
+
+Each row is one sample. Tokens stay in their original order; every token carries its original
+rotary position, its index among the sample's visual tokens (-1 for text) and its index in the
+original prompt. After a drop the rows are right-aligned (padding slots on the left), so the batch
+stays one dense tensor even when samples keep different numbers of tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..models.base import PreparedInputs
+from .plan import KeepRows
+
+
+@dataclass
+class TokenState:
+    hidden: torch.Tensor  # [B, L, D]
+    positions: torch.Tensor  # [A, B, L] original rotary positions
+    valid: torch.Tensor  # [B, L] bool, False for padding slots
+    visual_index: torch.Tensor  # [B, L] index among the sample's visual tokens, -1 for text and padding
+    source_index: torch.Tensor  # [B, L] index in the original prompt, -1 for padding slots
+
+    @classmethod
+    def from_prepared(cls, prep: PreparedInputs) -> "TokenState":
+        visual = prep.visual_mask & prep.attention_mask
+        visual_index = (visual.long().cumsum(1) - 1).masked_fill(~visual, -1)
+        source_index = torch.arange(visual.shape[1], device=visual.device).expand_as(visual)
+        source_index = source_index.masked_fill(~prep.attention_mask, -1)
+        return cls(prep.inputs_embeds, prep.position_ids, prep.attention_mask, visual_index, source_index)
+
+    @property
+    def batch_size(self) -> int:
+        return self.hidden.shape[0]
+
+    def token_counts(self) -> torch.Tensor:
+        """[B] real tokens per sample."""
+        return self.valid.sum(1)
+
+    def visual_counts(self) -> torch.Tensor:
+        """[B] visual tokens per sample."""
+        return (self.visual_index >= 0).sum(1)
+
+    def last_index(self) -> torch.Tensor:
+        """[B] index of each sample's last real token."""
+        t = torch.arange(self.valid.shape[1], device=self.valid.device)
+        return torch.where(self.valid, t, -1).amax(1)
+
+    def kept_visual(self) -> KeepRows:
+        """The visual-token indices still present, one sorted row per sample."""
+        return tuple(torch.sort(row[row >= 0]).values.cpu() for row in self.visual_index)
+
+    def keep_visual(self, keep: KeepRows) -> "TokenState":
+        """A new state with only the kept visual tokens (and every text token) of each sample."""
+        bsz, length = self.valid.shape
+        device = self.valid.device
+        n_cols = max(int(self.visual_index.max()) + 1, 1)
+        table = torch.zeros(bsz, n_cols, dtype=torch.bool, device=device)
+        for b, row in enumerate(keep):
+            table[b, row.to(device)] = True
+        is_visual = self.visual_index >= 0
+        kept = self.valid & (~is_visual | table.gather(1, self.visual_index.clamp(min=0)))
+        counts = kept.sum(1)
+        new_len = int(counts.max())
+        # destination column of each kept token: right-aligned, original order preserved
+        dest = (new_len - counts)[:, None] + kept.long().cumsum(1) - 1
+        b_idx, t_idx = kept.nonzero(as_tuple=True)
+        src = torch.zeros(bsz, new_len, dtype=torch.long, device=device)
+        src[b_idx, dest[b_idx, t_idx]] = t_idx
+        valid = torch.zeros(bsz, new_len, dtype=torch.bool, device=device)
+        valid[b_idx, dest[b_idx, t_idx]] = True
+        hidden = self.hidden.gather(1, src[..., None].expand(-1, -1, self.hidden.shape[-1]))
+        positions = self.positions.gather(2, src[None].expand(self.positions.shape[0], -1, -1))
+        visual_index = self.visual_index.gather(1, src).masked_fill(~valid, -1)
+        source_index = self.source_index.gather(1, src).masked_fill(~valid, -1)
+        return TokenState(hidden, positions, valid, visual_index, source_index)
+
+
+def prefill_mask(valid: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """The causal + padding mask ``[B, 1, L, L]`` for a prefill, in the form the attention backend takes.
+
+    With no padding under sdpa it is None (sdpa then runs its own causal kernel, as transformers does).
+    Padding query rows attend to themselves only, so no row is fully masked (no NaN).
+    """
+    if attn_implementation == "sdpa" and bool(valid.all()):
+        return None
+    length = valid.shape[1]
+    eye = torch.eye(length, dtype=torch.bool, device=valid.device)
+    allowed = (eye.logical_not().tril() & valid[:, None, :]) | eye  # (B, L, L)
+    return _for_backend(allowed[:, None], attn_implementation, dtype)
+
+
+def decode_mask(key_valid: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """The mask ``[B, 1, 1, T]`` for one new token against a layer's cache (None when nothing is padding)."""
+    if bool(key_valid.all()):
+        return None
+    return _for_backend(key_valid[:, None, None, :], attn_implementation, dtype)
+
+
+def _for_backend(allowed: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    if attn_implementation == "sdpa":
+        return allowed
+    # eager adds the mask to the scores
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )

@@ -1,0 +1,165 @@
+"""What every model family must answer, as small accessors over the unmodified transformers model.
+
+An adapter turns images + text into input embeddings and positions (`prepare`), names the decoder
+pieces (`DecoderLayout`), computes rotary embeddings for any subset of original positions, and gives
+cheap attention-score rows for a few queries. Visual tokens are found at run time from
+``input_ids == image_token_id``; nothing depends on where they sit.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import VlmpruneError
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """The modules of the language model that the engine drives."""
+
+    embed_tokens: nn.Embedding
+    layers: nn.ModuleList
+    norm: nn.Module
+    lm_head: nn.Module
+    rotary_emb: nn.Module
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+
+@dataclass
+class PreparedInputs:
+    """A batch ready for the decoder: embeddings, positions and which tokens are real or visual.
+
+    Positions always carry an axis dimension ``A``: 1 for 1-D RoPE, 3 for mRoPE (temporal, height,
+    width). They come from the attention mask (as transformers' ``generate`` does), so a sample's
+    positions do not depend on how much padding the batch added.
+    """
+
+    input_ids: torch.Tensor  # [B, L]
+    inputs_embeds: torch.Tensor  # [B, L, D]
+    position_ids: torch.Tensor  # [A, B, L]
+    attention_mask: torch.Tensor  # [B, L] bool, True = real token
+    visual_mask: torch.Tensor  # [B, L] bool, True = visual token
+
+    @property
+    def n_visual(self) -> list[int]:
+        return self.visual_mask.sum(1).tolist()
+
+    @property
+    def next_position(self) -> torch.Tensor:
+        """[B] the position the first generated token takes: one past the largest prompt position."""
+        pos = self.position_ids.amax(0).masked_fill(~self.attention_mask, -1)
+        return pos.amax(1) + 1
+
+
+class Adapter:
+    """Base adapter. Subclasses set `families` (config.model_type values) and implement `prepare`."""
+
+    families: tuple[str, ...] = ()
+    position_axes: int = 1
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+        self.text_config = model.config.get_text_config()
+        impl = self.text_config._attn_implementation
+        if impl not in SUPPORTED_ATTENTION:
+            raise VlmpruneError(
+                f"attention implementation {impl!r} is not supported by the engine; load the model with "
+                f"attn_implementation='sdpa' (or 'eager')"
+            )
+        self.attn_implementation = impl
+        self.image_token_id = int(self.config.image_token_id)
+        lm = self.language_model
+        self.decoder = DecoderLayout(lm.embed_tokens, lm.layers, lm.norm, model.lm_head, lm.rotary_emb)
+
+    # ------------------------------------------------------------------ accessors
+    @property
+    def language_model(self) -> nn.Module:
+        """The decoder-only text model inside the VLM (transformers names it `model.language_model`)."""
+        return self.model.model.language_model
+
+    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **vision) -> PreparedInputs:
+        raise NotImplementedError
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions ``[A, B, L]`` of any subset of tokens."""
+        pos = position_ids[0] if self.position_axes == 1 else position_ids
+        return self.decoder.rotary_emb(hidden, pos)
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def _check_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise VlmpruneError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            return torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask.shape != input_ids.shape:
+            raise VlmpruneError(
+                f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
+            )
+        return attention_mask.bool()
+
+    def _scatter_visual(
+        self, embeds: torch.Tensor, visual_mask: torch.Tensor, features: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Put the projected visual features into the image-placeholder slots."""
+        n_slots = int(visual_mask.sum())
+        if features is None:
+            if n_slots:
+                raise VlmpruneError(
+                    f"the prompt has {n_slots} image placeholder tokens but no image was given; pass pixel_values"
+                )
+            return embeds
+        if features.shape[0] != n_slots:
+            raise VlmpruneError(
+                f"the image gives {features.shape[0]} visual tokens but the prompt has {n_slots} image placeholders; "
+                "build the prompt with the model's processor (it expands the image placeholder)"
+            )
+        return embeds.masked_scatter(visual_mask[..., None], features.to(embeds.dtype))
+
+    # ------------------------------------------------------------------ attention-score rows
+    def attention_rows(
+        self,
+        layer_idx: int,
+        hidden_in: torch.Tensor,
+        query_index: torch.Tensor,
+        query_positions: torch.Tensor,
+        keys: torch.Tensor,
+        key_valid: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attention probabilities of a few query rows against all keys of one layer.
+
+        Args:
+            hidden_in: ``[B, R, D]`` the layer's *input* hidden states at the query rows.
+            query_index: ``[B, R]`` each query's index in the current sequence (for causality).
+            query_positions: ``[A, B, R]`` their rotary positions.
+            keys: ``[B, Hkv, T, d]`` the layer's post-RoPE keys, as stored in the KV cache.
+            key_valid: ``[B, T]`` which keys are real tokens.
+
+        Returns ``[B, H, R, T]`` float32 probabilities, equal to the rows of the full eager attention map
+        (scores ``q k^T * scaling``, causal and padding mask, softmax over keys). Costs one q projection
+        of R rows and an ``R x T`` score block; the model keeps running under sdpa.
+        """
+        layer = self.decoder.layers[layer_idx]
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden_in)
+        bsz, n_rows, _ = x.shape
+        q = attn.q_proj(x).view(bsz, n_rows, -1, attn.head_dim).transpose(1, 2)  # (B, H, R, d)
+        cos, sin = self.rotary(x, query_positions)
+        # the family's own RoPE application, taken from the attention module's source module
+        apply_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        q, _ = apply_rope(q, q, cos, sin)
+        k = keys.repeat_interleave(attn.num_key_value_groups, dim=1)  # (B, H, T, d)
+        scores = torch.matmul(q.float(), k.float().transpose(2, 3)) * attn.scaling  # (B, H, R, T)
+        t = torch.arange(keys.shape[2], device=keys.device)
+        allowed = key_valid[:, None, None, :] & (t[None, None, None, :] <= query_index[:, None, :, None])
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        return torch.softmax(scores, dim=-1)

@@ -1,0 +1,156 @@
+"""`PrunedModel`: a transformers VLM plus the engine, called like the model with a ``prune=`` decision."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .errors import VlmpruneError
+from .engine.plan import Plan
+from .engine.runner import LayerPolicy, decode_step, prefill
+from .engine.sampling import SamplingConfig
+from .engine.stats import RunStats
+from .models import adapter_for
+from .models.base import PreparedInputs
+
+FROM_CONFIG = "from-config"  # eos_token_id default: the model's generation config
+
+
+@dataclass
+class PrunedOutput:
+    """``logits [B, L_out, V]`` for the tokens that reached the head, in original order; ``token_index``
+    maps each row to its prompt index (-1 for padding slots). Without token drops ``L_out`` is the
+    prompt length and the layout equals the input's."""
+
+    logits: torch.Tensor
+    token_index: torch.Tensor
+    last_logits: torch.Tensor
+    stats: RunStats
+
+
+@dataclass
+class GenerationResult:
+    sequences: torch.Tensor  # [B, L + new] prompt followed by generated ids, like transformers' generate
+    stats: RunStats  # prefill accounting; kv_entries counted after the last decode step
+
+
+def resolve_prune(prune: Any, pm: "PrunedModel", prep: PreparedInputs) -> tuple[Plan, list[LayerPolicy]]:
+    """Turn the ``prune=`` argument into a static plan plus in-model policies."""
+    if prune is None:
+        return Plan(), []
+    if isinstance(prune, Plan):
+        return prune, []
+    if hasattr(prune, "decide"):  # a method object: returns (plan, policies) for this batch
+        return prune.decide(pm, prep)
+    raise VlmpruneError(f"prune= takes None, a vlmprune.Plan or a pruning method, got {type(prune).__name__}")
+
+
+class PrunedModel:
+    """Wraps an unmodified transformers vision-language model; the weights are shared, not copied."""
+
+    def __init__(self, model: nn.Module, processor: Any = None):
+        self.adapter = adapter_for(model)
+        self.model = model.eval()
+        self.processor = processor
+        self._vision_args = set(inspect.signature(self.adapter.prepare).parameters) - {"input_ids", "attention_mask"}
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.decoder.n_layers
+
+    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **vision) -> PreparedInputs:
+        unknown = set(vision) - self._vision_args
+        if unknown:
+            raise VlmpruneError(
+                f"unexpected inputs {sorted(unknown)} for {self.config.model_type}; it takes {sorted(self._vision_args)}"
+            )
+        return self.adapter.prepare(input_ids, attention_mask, **vision)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prune: Any = None,
+        logits_to_keep: int = 0,
+        **vision,
+    ) -> PrunedOutput:
+        prep = self.prepare(input_ids, attention_mask, **vision)
+        plan, policies = resolve_prune(prune, self, prep)
+        res = prefill(self.adapter, prep, plan, policies, logits_to_keep)
+        return PrunedOutput(res.logits, res.token_index, res.last_logits, res.stats)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prune: Any = None,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | Sequence[int] | None | str = FROM_CONFIG,
+        pad_token_id: int | None = None,
+        seed: int | None = None,
+        return_dict: bool = False,
+        **vision,
+    ) -> torch.Tensor | GenerationResult:
+        """Generate up to `max_new_tokens` per sample; returns prompt + new ids like transformers' generate.
+
+        `eos_token_id` defaults to the model's generation config; a finished sample is padded with
+        `pad_token_id` (default: the first eos id) and generation stops when all have finished.
+        Sampling is reproducible from `seed`.
+        """
+        if max_new_tokens < 1:
+            raise VlmpruneError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
+        eos = self._eos_ids(eos_token_id)
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        generator = None
+        if do_sample:
+            generator = torch.Generator(device=input_ids.device)
+            generator.manual_seed(0 if seed is None else seed)
+
+        prep = self.prepare(input_ids, attention_mask, **vision)
+        plan, policies = resolve_prune(prune, self, prep)
+        res = prefill(self.adapter, prep, plan, policies, logits_to_keep=1)
+        logits, positions = res.last_logits, res.next_position.clone()
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        eos_t = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
+        new_tokens = []
+        for step in range(max_new_tokens):
+            token = sampling.choose(logits, generator)
+            if eos:
+                token = torch.where(finished, torch.full_like(token, pad), token)
+                finished |= torch.isin(token, eos_t)
+            new_tokens.append(token)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            logits = decode_step(self.adapter, res.cache, token, positions)
+            positions += 1
+        sequences = torch.cat([input_ids, torch.stack(new_tokens, 1)], dim=1)
+        if not return_dict:
+            return sequences
+        stats = res.stats
+        stats.kv_entries, stats.kv_bytes = res.cache.entries(), res.cache.nbytes()
+        return GenerationResult(sequences, stats)
+
+    def _eos_ids(self, eos_token_id) -> list[int]:
+        if eos_token_id == FROM_CONFIG:
+            gen = getattr(self.model, "generation_config", None)
+            eos_token_id = getattr(gen, "eos_token_id", None)
+        if eos_token_id is None:
+            return []
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        vocab = self.adapter.text_config.vocab_size
+        return [int(i) for i in ids if 0 <= int(i) < vocab]
