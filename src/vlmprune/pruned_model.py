@@ -35,6 +35,7 @@ class PrunedOutput:
 @dataclass
 class GenerationResult:
     sequences: torch.Tensor  # [B, L + new] prompt followed by generated ids, like transformers' generate
+    scores: list[torch.Tensor]  # one [B, V] logits tensor per generated token
     stats: RunStats  # prefill accounting; kv_entries counted after the last decode step
 
 
@@ -127,8 +128,9 @@ class PrunedModel:
         logits, positions = res.last_logits, res.next_position.clone()
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         eos_t = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
-        new_tokens = []
+        new_tokens, scores = [], []
         for step in range(max_new_tokens):
+            scores.append(logits)
             token = sampling.choose(logits, generator)
             if eos:
                 token = torch.where(finished, torch.full_like(token, pad), token)
@@ -143,7 +145,7 @@ class PrunedModel:
             return sequences
         stats = res.stats
         stats.kv_entries, stats.kv_bytes = res.cache.entries(), res.cache.nbytes()
-        return GenerationResult(sequences, stats)
+        return GenerationResult(sequences, scores, stats)
 
     def _eos_ids(self, eos_token_id) -> list[int]:
         if eos_token_id == FROM_CONFIG:

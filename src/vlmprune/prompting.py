@@ -1,0 +1,78 @@
+"""From an image file and a prompt to model inputs (through the checkpoint's processor), and back to text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .engine.plan import Plan
+from .errors import VlmpruneError
+from .pruned_model import GenerationResult, PrunedModel
+
+
+def read_image(path: str | Path):
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise VlmpruneError(f"image file {str(path)!r} does not exist; pass the path of a PNG/JPEG image")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except (UnidentifiedImageError, OSError) as err:
+        raise VlmpruneError(f"cannot read image {str(path)!r}: {err}") from err
+
+
+def build_inputs(pm: PrunedModel, prompt: str, image: Any = None) -> dict[str, torch.Tensor]:
+    """Tokenise `prompt` (with the processor's image placeholder where the image goes) and process `image`."""
+    proc = pm.processor
+    if proc is None:
+        raise VlmpruneError("this checkpoint has no processor files; save one with processor.save_pretrained(DIR)")
+    placeholder = getattr(proc, "image_token", "<image>")
+    has_slot = placeholder in prompt
+    if image is not None and not has_slot:
+        raise VlmpruneError(
+            f"the prompt has no image placeholder {placeholder!r}; put it where the image goes, "
+            f"e.g. 'USER: {placeholder} what is in the image ? ASSISTANT:'"
+        )
+    if image is None and has_slot:
+        raise VlmpruneError(f"the prompt has an image placeholder {placeholder!r} but no image was given (--image FILE)")
+    kwargs = {"images": image} if image is not None else {}
+    inputs = proc(text=prompt, return_tensors="pt", **kwargs)
+    return {k: v for k, v in inputs.items() if k != "token_type_ids"}
+
+
+def parse_plan(text: str | None, skip: str | None = None) -> Plan | None:
+    """A Plan from JSON text or a JSON file path, plus an optional comma-separated skip list."""
+    plan = None
+    if text:
+        source = Path(text)
+        raw = source.read_text() if source.is_file() else text
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise VlmpruneError(f"--plan is neither a JSON file nor JSON text: {err}") from err
+        plan = Plan.from_dict(data)
+    if skip:
+        try:
+            layers = [int(s) for s in skip.split(",") if s.strip()]
+        except ValueError as err:
+            raise VlmpruneError(f"--skip takes comma-separated layer indices, got {skip!r}") from err
+        if plan is not None and isinstance(plan.skip, tuple):
+            raise VlmpruneError("--skip cannot be combined with a plan whose skip lists are per sample")
+        plan = Plan(keep=plan.keep if plan else {}, skip=sorted(set(layers) | set(plan.skip if plan else ())))
+    return plan
+
+
+def generate_answer(
+    pm: PrunedModel, prompt: str, image: Any = None, prune: Any = None, max_new_tokens: int = 20
+) -> tuple[str, GenerationResult]:
+    """Greedy answer text for one image and prompt, with the run's accounting."""
+    inputs = build_inputs(pm, prompt, image)
+    result = pm.generate(**inputs, prune=prune, max_new_tokens=max_new_tokens, return_dict=True)
+    new = result.sequences[0, inputs["input_ids"].shape[1] :]
+    return pm.processor.tokenizer.decode(new, skip_special_tokens=True).strip(), result

@@ -1,0 +1,106 @@
+"""Physical drops and skips equal masked / identity references, through prefill and 8 decode steps."""
+
+import pytest
+import torch
+
+import vlmprune
+from conftest import FAMILIES, make_batch
+from reference import greedy_reference
+
+
+def _keep(batch, ratio, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randperm(n, generator=gen)[: max(1, int(n * ratio))] for n in batch.n_visual]
+
+
+def _check(pm, model, family, batch, plan, keep, drop_from, skip):
+    ref_tokens, ref_scores = greedy_reference(model, family, batch, keep, drop_from, skip, steps=8)
+    out = pm.generate(**batch.kwargs(), prune=plan, max_new_tokens=8, eos_token_id=None, return_dict=True)
+    assert torch.equal(out.sequences[:, -8:], ref_tokens)
+    for ours, ref in zip(out.scores, ref_scores):
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    return out
+
+
+@pytest.mark.parametrize("drop_from", [0, 2])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_drop_equals_masked_reference(tiny_models, family, drop_from):
+    model = tiny_models(family)
+    batch = make_batch(family, model, [3, 6, 1], [4, 2, 7], "left")
+    keep = _keep(batch, 0.3)
+    pm = vlmprune.wrap(model)
+    _check(pm, model, family, batch, vlmprune.Plan(keep={drop_from: keep}), keep, drop_from, ())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_skip_equals_identity_reference(tiny_models, family):
+    model = tiny_models(family)
+    batch = make_batch(family, model, [3, 6, 1], [4, 2, 7], "left")
+    pm = vlmprune.wrap(model)
+    _check(pm, model, family, batch, vlmprune.Plan(skip=[1, 4]), None, 99, (1, 4))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_drop_and_skip_together(tiny_models, family):
+    model = tiny_models(family)
+    batch = make_batch(family, model, [3, 6, 1], [4, 2, 7], "left")
+    keep = _keep(batch, 0.25, seed=4)
+    pm = vlmprune.wrap(model)
+    _check(pm, model, family, batch, vlmprune.Plan(keep={3: keep}, skip=[1, 5]), keep, 3, (1, 5))
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
+def test_kv_cache_holds_only_what_each_layer_saw(tiny_models, family):
+    model = tiny_models(family)
+    batch = make_batch(family, model, [3, 6, 1], [4, 2, 7], "left")
+    keep = _keep(batch, 0.5)
+    keep2 = [k[: max(1, k.numel() // 3)] for k in keep]
+    plan = vlmprune.Plan(keep={2: keep, 4: keep2}, skip=[3])
+    pm = vlmprune.wrap(model)
+    prep = pm.prepare(**batch.kwargs())
+    res = vlmprune.engine.prefill(pm.adapter, prep, plan)
+    n_tokens = batch.attention_mask.sum(1)
+    n_text = n_tokens - torch.tensor(batch.n_visual)
+    kept1 = torch.tensor([k.numel() for k in keep])
+    kept2 = torch.tensor([k.numel() for k in keep2])
+    expected = torch.stack([n_tokens, n_tokens, n_text + kept1, torch.zeros(3, dtype=torch.long), n_text + kept2, n_text + kept2], 1)
+    assert torch.equal(res.stats.kv_entries, expected)
+    assert res.cache.keys[3] is None and res.cache.values[3] is None
+    for layer in (0, 1, 2, 4, 5):  # physical sizes: the longest sample, nothing more
+        assert res.cache.keys[layer].shape[2] == int(expected[:, layer].max())
+    assert torch.equal(res.stats.visual_tokens[:, 4], kept2) and torch.equal(res.stats.visual_tokens[:, 0], torch.tensor(batch.n_visual))
+    # decoding keeps the decision: each running layer grows by one entry per step, skipped ones stay empty
+    out = pm.generate(**batch.kwargs(), prune=plan, max_new_tokens=5, eos_token_id=None, return_dict=True)
+    grown = expected + 4 * (expected > 0)
+    assert torch.equal(out.stats.kv_entries, grown)
+
+
+def test_multistage_equals_two_masks(tiny_models):
+    """Two stages: the reference masks stage-1 drops from layer 2 and stage-2 drops from layer 4."""
+    from reference import dropped_mask
+
+    family = "llava"
+    model = tiny_models(family)
+    batch = make_batch(family, model, [3, 6, 1], [4, 2, 7], "left")
+    keep1 = _keep(batch, 0.5)
+    keep2 = [k[: k.numel() // 2] for k in keep1]
+    d1, d2 = dropped_mask(batch, keep1), dropped_mask(batch, keep2)
+    layers = model.model.language_model.layers
+    # masked reference with layer-dependent masks: run through hooks, two sets
+    valid = batch.attention_mask.bool()
+    length = valid.shape[1]
+    eye = torch.eye(length, dtype=torch.bool)
+    base = (torch.ones(length, length, dtype=torch.bool).tril() & valid[:, None, :]) | eye
+    masks = [base if i < 2 else ((base & ~(d1 if i < 4 else d2)[:, None, :]) | eye) for i in range(len(layers))]
+    handles = [
+        layer.register_forward_pre_hook(lambda m, a, k, mask=mask[:, None]: (a, {**k, "attention_mask": mask}), with_kwargs=True)
+        for layer, mask in zip(layers, masks)
+    ]
+    try:
+        with torch.no_grad():
+            ref = model(**batch.hf_kwargs(family)).logits[:, -1]
+    finally:
+        for h in handles:
+            h.remove()
+    out = vlmprune.wrap(model)(**batch.kwargs(), prune=vlmprune.Plan(keep={2: keep1, 4: keep2}), logits_to_keep=1)
+    torch.testing.assert_close(out.last_logits, ref, atol=1e-4, rtol=0)
