@@ -54,6 +54,7 @@ def load(
     (needs internet). Weights are read from safetensors only; `trust_remote_code` stays off unless asked.
     """
     import transformers
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoProcessor
 
     location, is_local = _resolve(path_or_name)
@@ -77,7 +78,7 @@ def load(
             trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,
         )
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as err:
         raise VlmpruneError(
             f"cannot load weights from {location!r}: {str(err).splitlines()[0]} "
             "(vlmprune reads safetensors only; a corrupt or partial checkpoint must be re-saved)"

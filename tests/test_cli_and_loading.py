@@ -1,0 +1,95 @@
+"""`vlmprune generate` and `vlmprune.load` on a local checkpoint of the testbed recipe, bad inputs included."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vlmprune
+from vlmprune.cli import main
+from vlmprune.testbed.recipe import random_checkpoint
+
+PROMPT = "user : <image> what is in the image ? assistant :"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return random_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", seed=1)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    Image.fromarray((np.random.default_rng(0).random((84, 84)) * 255).astype("uint8")).save(path)
+    return path
+
+
+def test_load_gives_the_saved_model_and_processor(checkpoint):
+    pm = vlmprune.load(checkpoint)
+    assert pm.processor is not None and pm.n_layers == 8
+    import transformers
+
+    ref = transformers.LlavaForConditionalGeneration.from_pretrained(checkpoint)
+    for (name, a), (_, b) in zip(pm.model.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_generate_prints_answer_and_stats(checkpoint, image, capsys):
+    plan = json.dumps({"keep": {"2": [list(range(0, 144, 4))]}})
+    assert main(["generate", "--model", str(checkpoint), "--image", str(image), "--prompt", PROMPT, "--plan", plan, "--skip", "5", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "layers run 7/8" in out and "visual tokens in -> out 144 -> 36" in out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--image", "missing.png", "--prompt", PROMPT], "does not exist"),
+        (["--prompt", PROMPT], "no image was given"),
+        (["--image", "IMG", "--prompt", "what is in the image ?"], "no image placeholder"),
+        (["--image", "IMG", "--prompt", PROMPT, "--plan", '{"keep": {"9": [[1]]}}'], "K=9 is out of range"),
+        (["--image", "IMG", "--prompt", PROMPT, "--plan", '{"keep": {"2": [[1, 144]]}}'], "index 144 is out of range"),
+        (["--image", "IMG", "--prompt", PROMPT, "--plan", '{"keep": {"2": [[3, 3]]}}'], "duplicated"),
+        (["--image", "IMG", "--prompt", PROMPT, "--skip", "1,x"], "comma-separated"),
+        (["--image", "IMG", "--prompt", PROMPT, "--plan", "{oops"], "neither a JSON file"),
+    ],
+)
+def test_bad_inputs_give_one_line_and_exit_2(checkpoint, image, capsys, extra, message):
+    args = ["generate", "--model", str(checkpoint)] + [str(image) if a == "IMG" else a for a in extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_console_entry_point_exits_2_without_traceback(checkpoint):
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlmprune.cli", "generate", "--model", str(checkpoint), "--image", "nope.png", "--prompt", PROMPT],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_corrupt_checkpoint_and_unsupported_model(checkpoint, tmp_path, monkeypatch):
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint, bad)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(vlmprune.VlmpruneError, match="cannot load weights"):
+        vlmprune.load(bad)
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(vlmprune.VlmpruneError, match="'llama' is not supported.*LlavaForConditionalGeneration"):
+        vlmprune.load(llama)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(vlmprune.VlmpruneError, match="no config.json"):
+        vlmprune.load(tmp_path / "empty")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no 20 s of network retries
+    with pytest.raises(vlmprune.VlmpruneError, match="not a local directory"):
+        vlmprune.load("nobody/no-such-model-offline")
