@@ -1,0 +1,145 @@
+"""Engine speed on a LLaVA-1.5-shaped language model scaled to a 2-core CPU (random weights, bf16).
+
+Measures, in one run with interleaved repeats:
+  * prefill with no plan: the engine vs transformers' own forward (overhead target: within 5%);
+  * prefill with 75% of visual tokens dropped from layer 2, and with 25% of layers skipped, each as a
+    measured speed-up next to the FLOPs-predicted one (target: measured >= 0.85 x predicted);
+  * per-token decode time with the pruned KV cache vs the full one.
+The vision tower is tiny and outside the timed region (embeddings are prepared once): this times the
+language model, which is what token and layer pruning change.
+
+    python benchmarks/engine_speed.py [--json benchmarks/results/engine_speed.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import vlmprune
+from vlmprune.engine.runner import decode_step, prefill
+from vlmprune.eval.flops import prefill_flops
+
+
+def build(args) -> tuple[vlmprune.PrunedModel, dict]:
+    torch.manual_seed(0)
+    side = int(round(args.visual**0.5)) * 7
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=side, patch_size=7
+    )
+    text = transformers.LlamaConfig(
+        hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=32000,
+    )
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=31999, vision_feature_layer=-1)
+    model = transformers.LlavaForConditionalGeneration(config).eval().to(torch.bfloat16)
+    n_visual = (side // 7) ** 2
+    half = args.text // 2
+    ids = torch.cat([torch.randint(2, 31000, (half,)), torch.full((n_visual,), 31999), torch.randint(2, 31000, (args.text - half,))])[None]
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(1, 3, side, side))
+    return vlmprune.wrap(model), inputs
+
+
+def median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--ffn", type=int, default=2816)
+    parser.add_argument("--visual", type=int, default=576)
+    parser.add_argument("--text", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--json", default="benchmarks/results/engine_speed.json")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    pm, inputs = build(args)
+    with torch.no_grad():
+        prep = pm.prepare(**inputs)
+    n_visual = prep.n_visual[0]
+    keep = torch.linspace(0, n_visual - 1, n_visual // 4).round().long()[None]
+    skip = [args.layers - 3, args.layers - 2][: max(1, args.layers // 4)]
+    plans = {
+        "no plan": vlmprune.Plan(),
+        "drop 75% visual from layer 2": vlmprune.Plan(keep={2: keep}),
+        f"skip {len(skip)}/{args.layers} layers": vlmprune.Plan(skip=skip),
+    }
+    model, cfg = pm.model, pm.adapter.text_config
+    mask = torch.ones(prep.inputs_embeds.shape[:2], dtype=torch.long)
+    runners = {"transformers forward": lambda: model(inputs_embeds=prep.inputs_embeds, attention_mask=mask, logits_to_keep=1)}
+    for name, plan in plans.items():
+        runners[name] = lambda plan=plan: prefill(pm.adapter, prep, plan, logits_to_keep=1)
+
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    with torch.no_grad():
+        for fn in runners.values():  # warm-up
+            fn()
+        for _ in range(args.repeats):  # interleaved, so drift hits every setting alike
+            for name, fn in runners.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        prefill_ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+        full = prefill(pm.adapter, prep, plans["no plan"], logits_to_keep=1)
+        full_flops = float(prefill_flops(cfg, full.stats)[0])
+        rows = []
+        for name, plan in plans.items():
+            res = prefill(pm.adapter, prep, plan, logits_to_keep=1)
+            flops = float(prefill_flops(cfg, res.stats)[0])
+            token = res.last_logits.argmax(-1)
+            pos = res.next_position.clone()
+
+            def decode(res=res, token=token, pos=pos):
+                decode_step(pm.adapter, res.cache, token, pos)
+
+            decode_ms = median_ms(decode, args.decode_steps)
+            rows.append(dict(
+                setting=name, prefill_ms=prefill_ms[name], flops_share=flops / full_flops,
+                predicted_speedup=full_flops / flops, measured_speedup=prefill_ms["no plan"] / prefill_ms[name],
+                kv_mib=res.stats.kv_bytes / 2**20, decode_ms=decode_ms,
+            ))
+    overhead = prefill_ms["no plan"] / prefill_ms["transformers forward"] - 1
+    for row in rows:
+        row["measured_over_predicted"] = row["measured_speedup"] / row["predicted_speedup"]
+
+    print(f"LLaVA-1.5-shaped LM: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, FFN {args.ffn}, "
+          f"{n_visual} visual + {args.text} text tokens, bf16, {torch.get_num_threads()} threads")
+    print(f"transformers forward prefill: {prefill_ms['transformers forward']:.1f} ms; engine overhead {overhead * 100:+.1f}%")
+    print(f"| {'setting':<30} | prefill ms | FLOPs share | predicted x | measured x | meas/pred | KV MiB | decode ms/token |")
+    print(f"|{'-' * 32}|-----------:|------------:|------------:|-----------:|----------:|-------:|----------------:|")
+    for r in rows:
+        print(f"| {r['setting']:<30} | {r['prefill_ms']:10.1f} | {r['flops_share']:11.3f} | {r['predicted_speedup']:11.2f} | "
+              f"{r['measured_speedup']:10.2f} | {r['measured_over_predicted']:9.2f} | {r['kv_mib']:6.2f} | {r['decode_ms']:15.2f} |")
+    result = dict(config=vars(args), n_visual=n_visual, threads=torch.get_num_threads(),
+                  transformers_prefill_ms=prefill_ms["transformers forward"], engine_overhead=overhead, rows=rows,
+                  targets=dict(overhead_within_5pct=abs(overhead) <= 0.05,
+                               speedups_at_least_085_of_predicted=all(r["measured_over_predicted"] >= 0.85 for r in rows[1:])))
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
+    print(f"targets: {result['targets']}  -> {out}")
+
+
+if __name__ == "__main__":
+    main()

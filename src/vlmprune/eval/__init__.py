@@ -1,0 +1,1 @@
+"""Measurement: FLOPs accounting (and, with issue 4, latency, tasks and sweeps)."""
