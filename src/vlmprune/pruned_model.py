@@ -114,6 +114,12 @@ class PrunedModel:
         """
         if max_new_tokens < 1:
             raise VlmpruneError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        limit = getattr(self.adapter.text_config, "max_position_embeddings", None)
+        if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
+            raise VlmpruneError(
+                f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds the model's "
+                f"{limit} positions; lower max_new_tokens or shorten the prompt"
+            )
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
         eos = self._eos_ids(eos_token_id)
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
@@ -148,7 +154,7 @@ class PrunedModel:
         return GenerationResult(sequences, scores, stats)
 
     def _eos_ids(self, eos_token_id) -> list[int]:
-        if eos_token_id == FROM_CONFIG:
+        if isinstance(eos_token_id, str) and eos_token_id == FROM_CONFIG:
             gen = getattr(self.model, "generation_config", None)
             eos_token_id = getattr(gen, "eos_token_id", None)
         if eos_token_id is None:

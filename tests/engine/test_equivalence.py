@@ -93,3 +93,12 @@ def test_sampling_is_seeded_and_top_p_tiny_is_greedy(tiny_models):
     b = pm.generate(**kw, do_sample=True, temperature=5.0, seed=7)
     c = pm.generate(**kw, do_sample=True, temperature=5.0, seed=8)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_request_beyond_the_position_range_is_refused(tiny_models):
+    model = tiny_models("llava")
+    batch = make_batch("llava", model, [3], [4])
+    with pytest.raises(vlmprune.VlmpruneError, match="exceeds the model's 1024 positions"):
+        vlmprune.wrap(model).generate(**batch.kwargs(), max_new_tokens=5000)
+    with pytest.raises(vlmprune.VlmpruneError, match="top_p must be in"):
+        vlmprune.wrap(model).generate(**batch.kwargs(), do_sample=True, top_p=1.5)
