@@ -20,10 +20,57 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     print(result.stats.summary())
 
 
+def _cmd_eval(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from . import load
+    from .eval.vqa import evaluate
+    from .prompting import parse_plan
+    from .testbed import eval_set
+
+    plan = parse_plan(args.plan, args.skip)
+    if plan is not None and plan.batch_size is not None:
+        raise VlmpruneError("eval runs many batches: give a plan without per-sample keeps (e.g. --skip), or use a method")
+    samples = eval_set(args.limit)
+    pm = load(args.model)
+    result = evaluate(pm, samples, prune=plan, batch_size=args.batch_size)
+    print(format_vqa(result))
+    if args.json:
+        out = Path(args.json)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps(result.to_dict(), indent=2))
+        tmp.replace(out)
+
+
+def format_vqa(result) -> str:
+    lines = [f"accuracy {result.accuracy * 100:.1f}% on {result.n} questions"]
+    for qtype, acc in result.per_type.items():
+        lines.append(f"  {qtype:<7} {acc * 100:5.1f}%   (chance {result.chance.get(qtype, float('nan')) * 100:.1f}%)")
+    lines.append(
+        f"visual tokens {result.visual_tokens_in:.0f} -> {result.visual_tokens_kept:.1f}, layers run {result.layers_run:.2f}, "
+        f"LM prefill {result.lm_tflops * 1e3:.3f} GFLOPs/sample, prefill {result.prefill_ms_per_sample:.2f} ms/sample"
+    )
+    return "\n".join(lines)
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(seed=args.seed)
+    run_demo(limit=args.limit, seed=args.seed)
+
+
+def _cmd_testbed_train(args: argparse.Namespace) -> None:
+    import torch
+
+    from .testbed.train import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    record = train(TrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed))
+    final = record["log"][-1] if record["log"] else {}
+    print(f"trained in {record['seconds'] / 60:.1f} min; held-out accuracy {final.get('accuracy', float('nan')):.3f}")
+    print(f"model: {args.out}/model  record: {args.out}/training.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +86,28 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=20)
     gen.set_defaults(func=_cmd_generate)
 
+    ev = sub.add_parser("eval", help="accuracy on the shipped FashionScenes evaluation set")
+    ev.add_argument("--model", default="testbed", help="checkpoint directory or 'testbed'")
+    ev.add_argument("--limit", type=int, help="evaluate the first N questions only")
+    ev.add_argument("--json", help="also write the result as JSON to this file")
+    ev.add_argument("--plan", help="a batch-size-free Plan as JSON (e.g. a skip list)")
+    ev.add_argument("--skip", help="comma-separated decoder layers not to run")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.set_defaults(func=_cmd_eval)
+
+    testbed = sub.add_parser("testbed", help="the embedded default: train the FashionScenes LLaVA")
+    testbed_sub = testbed.add_subparsers(dest="testbed_command", required=True)
+    tr = testbed_sub.add_parser("train", help="train from scratch (resumes from OUT/state if present)")
+    tr.add_argument("--out", default="runs/testbed", help="output directory (model, state, training.json)")
+    tr.add_argument("--steps", type=int, default=2400)
+    tr.add_argument("--batch-size", type=int, default=32)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    tr.set_defaults(func=_cmd_testbed_train)
+
     demo = sub.add_parser("demo", help="run the main job on the embedded default and print a table")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--limit", type=int, default=300, help="evaluation questions to use")
     demo.set_defaults(func=_cmd_demo)
     return parser
 

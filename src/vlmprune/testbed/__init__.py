@@ -9,6 +9,21 @@ from ..errors import VlmpruneError
 ASSETS = Path(__file__).parent / "assets"
 
 
+EVAL_SET = ASSETS / "eval.npz"
+
+
+def eval_set(limit: int | None = None):
+    """The shipped FashionScenes evaluation set (2000 test-split scenes, seed 0), optionally its first `limit`."""
+    from .data import load_set
+
+    samples = load_set(EVAL_SET)
+    if limit is not None:
+        if limit < 1:
+            raise VlmpruneError(f"--limit must be >= 1, got {limit}")
+        samples = samples[:limit]
+    return samples
+
+
 def checkpoint_dir() -> Path:
     """The shipped testbed checkpoint."""
     path = ASSETS / "model"

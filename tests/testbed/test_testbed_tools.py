@@ -1,0 +1,87 @@
+"""The testbed's encoder, cell geometry, decisions and resumable training."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import vlmprune
+from vlmprune.testbed import data, eval_set
+from vlmprune.testbed.decisions import asked_cell, nonempty_cells, random_keep
+from vlmprune.testbed.encode import N_VISUAL, cell_token_indices, encode
+from vlmprune.testbed.recipe import random_checkpoint
+
+needs_fmnist = pytest.mark.skipif(not data.DEFAULT_ROOT.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
+
+
+@pytest.fixture(scope="module")
+def recipe_model(tmp_path_factory):
+    return vlmprune.load(random_checkpoint(tmp_path_factory.mktemp("recipe"), words=data.vocabulary()))
+
+
+def test_encode_equals_the_checkpoint_processor(recipe_model):
+    samples = eval_set(6)
+    ours = encode(samples, recipe_model.processor.tokenizer)
+    for b, s in enumerate(samples):
+        ref = recipe_model.processor(images=Image.fromarray(s.image), text=data.prompt(s.question), return_tensors="pt")
+        row = ours["attention_mask"][b].bool()
+        assert torch.equal(ours["input_ids"][b, row], ref["input_ids"][0])
+        torch.testing.assert_close(ours["pixel_values"][b], ref["pixel_values"][0], atol=1e-6, rtol=0)
+    assert int((ours["input_ids"][0] == recipe_model.adapter.image_token_id).sum()) == N_VISUAL
+
+
+@pytest.mark.parametrize("cell", range(9))
+def test_cell_token_indices_cover_exactly_the_cell(cell):
+    image = np.zeros((84, 84), dtype=np.uint8)
+    r, c = divmod(cell, 3)
+    image[r * 28 : (r + 1) * 28, c * 28 : (c + 1) * 28] = 255
+    patches = image.reshape(12, 7, 12, 7).transpose(0, 2, 1, 3).reshape(144, 49)  # row-major 7x7 patches
+    brute = torch.tensor(np.flatnonzero(patches.any(1)))
+    assert torch.equal(cell_token_indices(cell).sort().values, brute)
+
+
+def test_oracles_keep_the_answer_tokens():
+    samples = eval_set(40)
+    plan = nonempty_cells(samples)
+    for s, row in zip(samples, plan.keep[0]):
+        expect = sorted(i for c, cls in enumerate(s.cells) if cls >= 0 for i in cell_token_indices(c).tolist())
+        assert row.tolist() == expect
+    cells = [s for s in samples if s.qtype == "cell"]
+    for s, row in zip(cells, asked_cell(cells).keep[0]):
+        assert row.tolist() == cell_token_indices(data.CELLS.index(s.question.split()[-2])).sort().values.tolist()
+        assert data.CELLS[int(row[0]) // 12 // 4 * 3 + int(row[0]) % 12 // 4] in s.question
+    with pytest.raises(vlmprune.VlmpruneError, match="cell questions only"):
+        asked_cell([s for s in samples if s.qtype != "cell"][:1])
+
+
+def test_random_keep_is_seeded_and_sized():
+    batch = eval_set(8)
+    a, b = random_keep(0.25, seed=3)(batch), random_keep(0.25, seed=3)(batch)
+    assert a == b and all(r.numel() == 36 for r in a.keep[0])
+    assert random_keep(0.25, seed=4)(batch) != a
+    with pytest.raises(vlmprune.VlmpruneError, match=r"\(0, 1\]"):
+        random_keep(0.0)
+
+
+@needs_fmnist
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    from vlmprune.testbed.train import TrainConfig, train
+
+    common = dict(steps=4, batch_size=4, hidden=64, warmup=2, save_every=100, eval_every=100, eval_samples=8, seed=5)
+    straight = TrainConfig(out=str(tmp_path / "a"), **common)
+    interrupted = TrainConfig(out=str(tmp_path / "b"), **common)
+    train(straight, progress=False)
+    assert train(interrupted, progress=False, stop_after=2) is None
+    assert not (tmp_path / "b" / "model").exists() and (tmp_path / "b" / "state" / "state.json").is_file()
+    record = train(interrupted, progress=False)  # resumes at step 2
+    assert record["log"][-1]["step"] == 4
+    a = load_file(Path(straight.out) / "model" / "model.safetensors")
+    b = load_file(Path(interrupted.out) / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    with pytest.raises(vlmprune.VlmpruneError, match="another configuration"):
+        train(TrainConfig(out=interrupted.out, **{**common, "seed": 6}), progress=False)
