@@ -104,3 +104,36 @@ def test_multistage_equals_two_masks(tiny_models):
             h.remove()
     out = vlmprune.wrap(model)(**batch.kwargs(), prune=vlmprune.Plan(keep={2: keep1, 4: keep2}), logits_to_keep=1)
     torch.testing.assert_close(out.last_logits, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_merge_at_layer0_equals_feeding_the_merged_sequence(tiny_models, family):
+    """K=0 merge == the unmodified model fed only the kept tokens, each the mean of its group, at its own position."""
+    model = tiny_models(family)
+    batch = make_batch(family, model, [3], [4], "left")
+    pm = vlmprune.wrap(model)
+    prep = pm.prepare(**batch.kwargs())
+    n = batch.n_visual[0]
+    gen = torch.Generator().manual_seed(0)
+    keep = torch.randperm(n, generator=gen)[: n // 4].sort().values
+    assign = keep[torch.randint(0, keep.numel(), (n,), generator=gen)]
+    assign[keep] = keep
+    assign[torch.randperm(n, generator=gen)[:3]] = -1  # some discarded outright
+    assign[keep] = keep
+    plan = vlmprune.Plan(keep={0: keep[None]}, merge={0: assign[None]})
+    out = pm(**batch.kwargs(), prune=plan, logits_to_keep=1)
+    # reference: build the merged, shortened sequence by hand and run transformers on it
+    embeds, pos = prep.inputs_embeds[0].clone(), prep.position_ids[:, 0]
+    vis = prep.visual_mask[0].nonzero().squeeze(1)
+    for t in keep:
+        group = (assign == t).nonzero().squeeze(1)
+        embeds[vis[t]] = prep.inputs_embeds[0, vis[group]].mean(0)
+    kept_pos = torch.ones(embeds.shape[0], dtype=torch.bool)
+    kept_pos[vis] = False
+    kept_pos[vis[keep]] = True
+    with torch.no_grad():
+        lm = model.model.language_model(inputs_embeds=embeds[kept_pos][None], position_ids=pos[:, kept_pos][:, None] if pos.shape[0] == 3 else pos[:, kept_pos])
+        ref = model.lm_head(lm.last_hidden_state[:, -1])
+    torch.testing.assert_close(out.last_logits, ref, atol=1e-4, rtol=0)
+    assert out.stats.plan.merge[0][0].tolist() == assign.tolist()
+    assert vlmprune.Plan.from_json(plan.to_json()) == plan

@@ -50,3 +50,23 @@ def test_validation_against_model(plan, message):
 def test_unknown_json_field():
     with pytest.raises(VlmpruneError, match="unknown Plan fields"):
         Plan.from_dict({"keep": {}, "drop": []})
+
+
+@pytest.mark.parametrize(
+    "merge, message",
+    [
+        ({3: torch.tensor([[0, 0, 2]])}, "needs a keep stage"),
+        ({1: torch.tensor([[0, 0, 0]])}, "exactly the kept tokens"),
+        ({1: torch.tensor([[0, 1, 2]])}, "exactly the kept tokens"),
+        ({1: torch.tensor([[0, -2, 2]])}, "targets must be kept tokens or -1"),
+    ],
+)
+def test_merge_validation(merge, message):
+    with pytest.raises(VlmpruneError, match=message):
+        Plan(keep={1: torch.tensor([[0, 2]])}, merge=merge)
+
+
+def test_merge_row_length_is_checked_against_the_input():
+    plan = Plan(keep={1: torch.tensor([[0, 2]])}, merge={1: torch.tensor([[0, 0, 2]])})
+    with pytest.raises(VlmpruneError, match="has 3 targets; sample 0 has 5"):
+        plan.validate(n_layers=6, n_visual=[5])

@@ -16,6 +16,11 @@ Semantics (also in the README):
   later stage must keep a subset of the earlier one (a dropped token never comes back).
 * ``skip=[i, j]``: decoder layers ``i`` and ``j`` are not run for any sample; ``skip=[[...], [...]]``
   gives one list per sample.
+* ``merge={K: assign}`` (optional, with a ``keep`` stage at the same K): per sample, a row of length
+  ``n_visual`` giving each visual token's target: a kept token it is averaged into, itself for a kept
+  token, -1 to discard it. At stage K a kept token's hidden state becomes the mean of every token
+  assigned to it (pooling, VisionZip's contextual tokens, SparseVLM's recycling); it keeps its own
+  position.
 """
 
 from __future__ import annotations
@@ -58,6 +63,19 @@ def _as_rows(layer: int, idx: Any) -> KeepRows:
     return tuple(out)
 
 
+def _as_assign(layer: int, rows: Any) -> KeepRows:
+    rows = list(rows) if isinstance(rows, torch.Tensor) and rows.dim() == 2 else rows
+    if not isinstance(rows, Sequence) or isinstance(rows, torch.Tensor):
+        raise VlmpruneError(f"Plan.merge[{layer}] must be a [batch, n_visual] LongTensor or a list of 1-D tensors")
+    out = []
+    for b, row in enumerate(rows):
+        row = torch.as_tensor(row)
+        if row.dtype.is_floating_point or row.dim() != 1:
+            raise VlmpruneError(f"Plan.merge[{layer}] row {b}: targets must be a 1-D integer tensor")
+        out.append(row.detach().to("cpu", torch.long))
+    return tuple(out)
+
+
 def _as_skip(skip: Any) -> tuple[frozenset[int], ...] | frozenset[int]:
     """A frozenset (same for every sample) or one frozenset per sample."""
     items = list(skip)
@@ -77,6 +95,7 @@ class Plan:
 
     keep: Mapping[int, Any] = field(default_factory=dict)
     skip: Any = ()
+    merge: Mapping[int, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         keep: dict[int, KeepRows] = {}
@@ -93,8 +112,23 @@ class Plan:
                 raise VlmpruneError(f"Plan.skip has a negative layer index: {sorted(s)}")
         if isinstance(skip, tuple) and sizes and len(skip) not in sizes:
             raise VlmpruneError(f"Plan.skip has {len(skip)} per-sample lists but keep has batch {sizes.pop()}")
+        merge: dict[int, KeepRows] = {}
+        for layer, rows in sorted(dict(self.merge).items()):
+            if layer not in keep:
+                raise VlmpruneError(f"Plan.merge[{layer}] needs a keep stage at layer {layer}")
+            merge[layer] = _as_assign(layer, rows)
+            if len(merge[layer]) != len(keep[layer]):
+                raise VlmpruneError(f"Plan.merge[{layer}] has {len(merge[layer])} rows but keep has {len(keep[layer])}")
+            for b, (assign, kept) in enumerate(zip(merge[layer], keep[layer])):
+                self_mapped = torch.nonzero(assign == torch.arange(assign.numel())).squeeze(1)
+                if not torch.equal(self_mapped, kept):
+                    raise VlmpruneError(f"Plan.merge[{layer}] row {b}: exactly the kept tokens must map to themselves")
+                targets = assign[assign >= 0]
+                if int((assign < -1).sum()) or not bool(torch.isin(targets, kept).all()):
+                    raise VlmpruneError(f"Plan.merge[{layer}] row {b}: targets must be kept tokens or -1 (discard)")
         object.__setattr__(self, "keep", keep)
         object.__setattr__(self, "skip", skip)
+        object.__setattr__(self, "merge", merge)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -132,6 +166,11 @@ class Plan:
                     f"Plan.keep stage K={layer} is out of range: the model has decoder layers 0..{n_layers - 1}"
                 )
             for b, row in enumerate(rows):
+                if layer in self.merge and self.merge[layer][b].numel() != n_visual[b]:
+                    raise VlmpruneError(
+                        f"Plan.merge[{layer}] row {b} has {self.merge[layer][b].numel()} targets; "
+                        f"sample {b} has {n_visual[b]} visual tokens"
+                    )
                 if row.numel() and int(row.max()) >= n_visual[b]:
                     raise VlmpruneError(
                         f"Plan.keep[{layer}] row {b}: index {int(row.max())} is out of range; "
@@ -147,15 +186,18 @@ class Plan:
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:
         skip = [sorted(s) for s in self.skip] if isinstance(self.skip, tuple) else sorted(self.skip)
-        return {"keep": {str(k): [r.tolist() for r in rows] for k, rows in self.keep.items()}, "skip": skip}
+        out = {"keep": {str(k): [r.tolist() for r in rows] for k, rows in self.keep.items()}, "skip": skip}
+        if self.merge:
+            out["merge"] = {str(k): [r.tolist() for r in rows] for k, rows in self.merge.items()}
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "Plan":
-        unknown = set(data) - {"keep", "skip"}
+        unknown = set(data) - {"keep", "skip", "merge"}
         if unknown:
-            raise VlmpruneError(f"unknown Plan fields {sorted(unknown)}; a plan has 'keep' and 'skip'")
-        keep = {int(k): [torch.tensor(r, dtype=torch.long) for r in rows] for k, rows in data.get("keep", {}).items()}
-        return cls(keep=keep, skip=data.get("skip", ()))
+            raise VlmpruneError(f"unknown Plan fields {sorted(unknown)}; a plan has 'keep', 'skip' and 'merge'")
+        rows = lambda field: {int(k): [torch.tensor(r, dtype=torch.long) for r in v] for k, v in data.get(field, {}).items()}
+        return cls(keep=rows("keep"), skip=data.get("skip", ()), merge=rows("merge"))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -172,7 +214,8 @@ class Plan:
 
     def __repr__(self) -> str:
         stages = ", ".join(
-            f"K={k}: keep {'/'.join(str(r.numel()) for r in rows)}" for k, rows in self.keep.items()
+            f"K={k}: keep {'/'.join(str(r.numel()) for r in rows)}{' (merged)' if k in self.merge else ''}"
+            for k, rows in self.keep.items()
         ) or "no token stages"
         skip = [sorted(s) for s in self.skip] if isinstance(self.skip, tuple) else sorted(self.skip)
         return f"Plan({stages}; skip={skip})"

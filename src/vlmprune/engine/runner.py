@@ -26,8 +26,9 @@ class LayerPolicy(Protocol):
 
     layers: Sequence[int]
 
-    def select(self, layer: int, view: "StageView") -> torch.Tensor | Sequence[torch.Tensor]:
-        """Per-sample visual-token indices (original numbering) that survive from `layer` on."""
+    def select(self, layer: int, view: "StageView") -> "torch.Tensor | Sequence[torch.Tensor] | Plan":
+        """Per-sample visual-token indices (original numbering) that survive from `layer` on, or a
+        `Plan` with a keep (and optionally merge) stage at `layer`."""
         ...
 
 
@@ -139,6 +140,7 @@ def prefill(
     cache = LayerwiseKVCache(n_layers, batch)
     layer_rows = _layer_rows(plan, batch, n_layers, prep.input_ids.device)
     stages: dict[int, KeepRows] = dict(plan.keep)
+    merges: dict[int, KeepRows] = dict(plan.merge)
     tokens = torch.zeros(batch, n_layers, dtype=torch.long)
     visual = torch.zeros_like(tokens)
     ran = torch.zeros(batch, n_layers, dtype=torch.bool)
@@ -149,11 +151,14 @@ def prefill(
     for i, layer in enumerate(dec.layers):
         if i in by_layer:
             view = StageView(adapter, state, cache, last_layer, last_input)
-            chosen = _as_rows(i, by_layer[i].select(i, view))
-            Plan(keep={i: chosen}).validate(n_layers, prep.n_visual)
-            stages[i] = _restrict(chosen, state.kept_visual(), i)
+            decision = by_layer[i].select(i, view)
+            decided = decision if isinstance(decision, Plan) else Plan(keep={i: decision})
+            decided.validate(n_layers, prep.n_visual)
+            stages[i] = _restrict(decided.keep[i], state.kept_visual(), i)
+            if i in decided.merge:
+                merges[i] = decided.merge[i]
         if i in stages:
-            state = state.keep_visual(stages[i])
+            state = state.keep_visual(stages[i], merges.get(i))
             mask = rope = None
             last_layer, last_input = None, None
         tokens[:, i] = state.token_counts().cpu()
@@ -183,7 +188,7 @@ def prefill(
         raise VlmpruneError("logits_to_keep must be 0 (every token) or 1 (each sample's last token)")
     logits = dec.lm_head(dec.norm(hidden))
     last_logits = logits[:, -1] if logits_to_keep == 1 else logits[b, last]
-    applied = Plan(keep=stages, skip=plan.skip)
+    applied = Plan(keep=stages, skip=plan.skip, merge=merges)
     stats = RunStats(tokens, visual, ran, cache.entries(), applied, cache.nbytes())
     return PrefillResult(logits, token_index, last_logits, cache, prep.next_position, stats)
 

@@ -53,10 +53,15 @@ class TokenState:
         """The visual-token indices still present, one sorted row per sample."""
         return tuple(torch.sort(row[row >= 0]).values.cpu() for row in self.visual_index)
 
-    def keep_visual(self, keep: KeepRows) -> "TokenState":
-        """A new state with only the kept visual tokens (and every text token) of each sample."""
+    def keep_visual(self, keep: KeepRows, merge: KeepRows | None = None) -> "TokenState":
+        """A new state with only the kept visual tokens (and every text token) of each sample.
+
+        With `merge` (per sample, each visual token's target kept token or -1), a kept token's hidden
+        state becomes the mean over the tokens assigned to it, itself included.
+        """
         bsz, length = self.valid.shape
         device = self.valid.device
+        hidden_src = self.hidden if merge is None else self._merged_hidden(merge)
         n_cols = max(int(self.visual_index.max()) + 1, 1)
         table = torch.zeros(bsz, n_cols, dtype=torch.bool, device=device)
         for b, row in enumerate(keep):
@@ -72,11 +77,39 @@ class TokenState:
         src[b_idx, dest[b_idx, t_idx]] = t_idx
         valid = torch.zeros(bsz, new_len, dtype=torch.bool, device=device)
         valid[b_idx, dest[b_idx, t_idx]] = True
-        hidden = self.hidden.gather(1, src[..., None].expand(-1, -1, self.hidden.shape[-1]))
+        hidden = hidden_src.gather(1, src[..., None].expand(-1, -1, self.hidden.shape[-1]))
         positions = self.positions.gather(2, src[None].expand(self.positions.shape[0], -1, -1))
         visual_index = self.visual_index.gather(1, src).masked_fill(~valid, -1)
         source_index = self.source_index.gather(1, src).masked_fill(~valid, -1)
         return TokenState(hidden, positions, valid, visual_index, source_index)
+
+
+    def _merged_hidden(self, merge: KeepRows) -> torch.Tensor:
+        """Hidden states where each merge target holds the mean of the tokens assigned to it."""
+        bsz, length, dim = self.hidden.shape
+        device = self.hidden.device
+        n_cols = int(self.visual_index.max()) + 1
+        if n_cols == 0:
+            return self.hidden
+        # per sample: visual index -> its merge target (a visual index, -1 = none) and -> its sequence position
+        target = torch.full((bsz, n_cols), -1, dtype=torch.long, device=device)
+        for b, row in enumerate(merge):
+            m = min(row.numel(), n_cols)
+            target[b, :m] = row[:m].to(device)
+        position = torch.full((bsz, n_cols), -1, dtype=torch.long, device=device)
+        b_idx, t_idx = (self.visual_index >= 0).nonzero(as_tuple=True)
+        position[b_idx, self.visual_index[b_idx, t_idx]] = t_idx
+        goes_to = target[b_idx, self.visual_index[b_idx, t_idx]]  # target of every present visual token
+        use = goes_to >= 0
+        dest = b_idx[use] * length + position[b_idx[use], goes_to[use]]  # flattened (sample, position)
+        sums = torch.zeros(bsz * length, dim, dtype=torch.float32, device=device)
+        sums.index_add_(0, dest, self.hidden[b_idx[use], t_idx[use]].float())
+        counts = torch.zeros(bsz * length, dtype=torch.float32, device=device)
+        counts.index_add_(0, dest, torch.ones(dest.numel(), device=device))
+        merged = self.hidden.reshape(-1, dim).clone()
+        has = counts > 0
+        merged[has] = (sums[has] / counts[has, None]).to(merged.dtype)
+        return merged.view(bsz, length, dim)
 
 
 def prefill_mask(valid: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor | None:
