@@ -14,12 +14,9 @@ language model, which is what token and layer pruning change.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import transformers
@@ -27,6 +24,7 @@ import transformers
 import vlmprune
 from vlmprune.engine.runner import decode_step, prefill
 from vlmprune.eval.flops import prefill_flops
+from vlmprune.files import write_json
 
 
 def build(args) -> tuple[vlmprune.PrunedModel, dict]:
@@ -133,11 +131,7 @@ def main() -> None:
                   transformers_prefill_ms=prefill_ms["transformers forward"], engine_overhead=overhead, rows=rows,
                   targets=dict(overhead_within_5pct=abs(overhead) <= 0.05,
                                speedups_at_least_085_of_predicted=all(r["measured_over_predicted"] >= 0.85 for r in rows[1:])))
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out)
+    out = write_json(args.json, result)
     print(f"targets: {result['targets']}  -> {out}")
 
 

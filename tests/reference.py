@@ -75,3 +75,32 @@ def greedy_reference(model, family, batch: Batch, keep, drop_from: int, skip=(),
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         dropped = torch.cat([dropped, torch.zeros_like(dropped[:, :1])], 1)
     return torch.stack(tokens, 1), scores
+
+
+def masked_attentions(eager_model, family: str, batch: Batch, dropped_from: dict[int, torch.Tensor]):
+    """Eager attention maps of the full model in which the tokens `dropped_from[K]` ``[B, L]`` are masked out
+    of attention from layer K on (masks accumulate over stages)."""
+    ids, mask = batch.input_ids, batch.attention_mask
+    length = ids.shape[1]
+    valid = mask.bool()
+    eye = torch.eye(length, dtype=torch.bool)
+    allowed = (torch.ones(length, length, dtype=torch.bool).tril() & valid[:, None, :]) | eye
+    handles = []
+    dropped = torch.zeros_like(valid)
+    for i, layer in enumerate(eager_model.model.language_model.layers):
+        if i in dropped_from:
+            dropped = dropped | dropped_from[i]
+        layer_mask = ((allowed & ~dropped[:, None, :]) | eye)[:, None]
+        additive = torch.zeros(layer_mask.shape).masked_fill(~layer_mask, torch.finfo(torch.float32).min)
+
+        def set_mask(module, args, kwargs, additive=additive):
+            kwargs["attention_mask"] = additive
+            return args, kwargs
+
+        handles.append(layer.register_forward_pre_hook(set_mask, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            return eager_model(**_hf_inputs(family, ids, mask, batch.vision), output_attentions=True).attentions
+    finally:
+        for h in handles:
+            h.remove()

@@ -21,11 +21,9 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    import json
-    from pathlib import Path
-
     from . import load
     from .eval.vqa import evaluate
+    from .files import write_json
     from .prompting import parse_plan
     from .testbed import eval_set
 
@@ -37,10 +35,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     result = evaluate(pm, samples, prune=plan, batch_size=args.batch_size)
     print(format_vqa(result))
     if args.json:
-        out = Path(args.json)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps(result.to_dict(), indent=2))
-        tmp.replace(out)
+        write_json(args.json, result.to_dict())
 
 
 def format_vqa(result) -> str:
@@ -67,7 +62,16 @@ def _cmd_testbed_train(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    record = train(TrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed))
+    options = dict(lr=args.lr, describe=args.describe, warmup=args.warmup, init_from=args.init_from, turns=args.turns,
+                   shuffle_describe=args.shuffle_describe or None)
+    overrides = {k: v for k, v in options.items() if v is not None}
+    record = train(
+        TrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed, **overrides),
+        stop_after=args.stop_after,
+    )
+    if record is None:
+        print(f"stopped after step {args.stop_after}; state in {args.out}/state (run again to resume)")
+        return
     final = record["log"][-1] if record["log"] else {}
     print(f"trained in {record['seconds'] / 60:.1f} min; held-out accuracy {final.get('accuracy', float('nan')):.3f}")
     print(f"model: {args.out}/model  record: {args.out}/training.json")
@@ -103,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=32)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    tr.add_argument("--lr", type=float, help="peak learning rate (default 8e-4)")
+    tr.add_argument("--warmup", type=int, help="warm-up steps (default 100)")
+    tr.add_argument("--describe", type=float, help="share of each batch on the describe task (default 0.25)")
+    tr.add_argument("--init-from", help="start from this trained model directory (a second stage)")
+    tr.add_argument("--turns", type=int, help="questions per training image (default 1)")
+    tr.add_argument("--shuffle-describe", action="store_true", help="describe cells in a random order")
+    tr.add_argument("--stop-after", type=int, help="stop (saving the state) after this many steps")
     tr.set_defaults(func=_cmd_testbed_train)
 
     demo = sub.add_parser("demo", help="run the main job on the embedded default and print a table")

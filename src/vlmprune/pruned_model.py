@@ -45,6 +45,10 @@ def resolve_prune(prune: Any, pm: "PrunedModel", prep: PreparedInputs) -> tuple[
         return Plan(), []
     if isinstance(prune, Plan):
         return prune, []
+    if isinstance(prune, (list, tuple)):
+        from .methods.base import Compose
+
+        prune = Compose(*prune)
     if hasattr(prune, "decide"):  # a method object: returns (plan, policies) for this batch
         return prune.decide(pm, prep)
     raise VlmpruneError(f"prune= takes None, a vlmprune.Plan or a pruning method, got {type(prune).__name__}")

@@ -85,3 +85,34 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
     with pytest.raises(vlmprune.VlmpruneError, match="another configuration"):
         train(TrainConfig(out=interrupted.out, **{**common, "seed": 6}), progress=False)
+
+
+def test_training_conversations_are_correct_and_start_like_the_eval_prompt(recipe_model):
+    from vlmprune.testbed.recipe import build_tokenizer
+    from vlmprune.testbed.train import TRAIN_WORDS, Example, describe, encode_conversations, more_questions
+
+    tokenizer = build_tokenizer(data.vocabulary() + TRAIN_WORDS)
+    samples = eval_set(50)
+    rng = np.random.default_rng(0)
+    for s in samples:
+        for question, answer in more_questions(s, rng, 5):
+            words = question.split()
+            cls = lambda: data.CLASSES.index(words[-2])
+            if words[0] == "what":
+                c = s.cells[data.CELLS.index(words[-2])]
+                assert answer == (data.CLASSES[c] if c >= 0 else "nothing")
+            elif words[0] == "is":
+                assert answer == ("yes" if cls() in s.cells else "no")
+            elif words[0] == "how":
+                assert answer == data.COUNT_WORDS[s.cells.count(cls())]
+            else:
+                assert s.cells.count(cls()) == 1 and answer == data.CELLS[s.cells.index(cls())]
+    examples = [Example(s.image, ((s.question, s.answer), *more_questions(s, rng, 2))) for s in samples[:4]]
+    batch = encode_conversations(examples + [describe(samples[4])], tokenizer)
+    single = encode(samples[:1], tokenizer)
+    n = single["input_ids"].shape[1]
+    assert torch.equal(batch["input_ids"][0, :n], single["input_ids"][0])
+    vocab = tokenizer.get_vocab()
+    labelled = batch["labels"][0][batch["labels"][0] >= 0].tolist()
+    assert labelled == [vocab[a] for _, a in examples[0].turns] + [tokenizer.eos_token_id]
+    assert len(batch["labels"][4][batch["labels"][4] >= 0]) == 18 + 1  # 9 cell names + 9 contents + </s>

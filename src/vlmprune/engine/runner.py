@@ -16,7 +16,7 @@ import torch
 from ..errors import VlmpruneError
 from ..models.base import Adapter, PreparedInputs
 from .cache import LayerwiseKVCache
-from .plan import KeepRows, Plan, _as_rows
+from .plan import KeepRows, Plan
 from .sequence import TokenState, decode_mask, prefill_mask
 from .stats import RunStats
 
@@ -117,11 +117,14 @@ def prefill(
     plan: Plan,
     policies: Sequence[LayerPolicy] = (),
     logits_to_keep: int = 0,
+    observers: Sequence = (),
 ) -> PrefillResult:
     """Run the decoder over a prepared batch under a plan.
 
     ``logits_to_keep=0`` returns logits for every token that reaches the head (in original order,
     ``token_index`` maps rows to prompt indices); ``1`` returns only each sample's last real token.
+    Each observer is called as ``observer(layer, hidden_in, hidden_out, valid)`` after a layer runs
+    (rows of the samples that ran it), for calibration statistics.
     """
     dec = adapter.decoder
     n_layers = dec.n_layers
@@ -174,6 +177,9 @@ def prefill(
         hidden_in = state.hidden
         row_mask = mask if mask is None or rows is None else mask[rows]
         state.hidden = _run_layer(layer, hidden_in, rows, row_mask, rope, cache)
+        for observe in observers:
+            pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+            observe(i, pick(hidden_in), pick(state.hidden), pick(state.valid))
         ran[:, i] = True if rows is None else torch.zeros(batch, dtype=torch.bool).index_fill(0, rows.cpu(), True)
         if rows is None:
             last_layer, last_input = i, hidden_in

@@ -9,9 +9,8 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import torch
 from tqdm.auto import tqdm
 
 from ..engine.plan import Plan

@@ -48,6 +48,7 @@ class PreparedInputs:
     position_ids: torch.Tensor  # [A, B, L]
     attention_mask: torch.Tensor  # [B, L] bool, True = real token
     visual_mask: torch.Tensor  # [B, L] bool, True = visual token
+    visual_grids: list | None = None  # per sample (rows, cols) of its visual tokens, or None if not one grid
 
     @property
     def n_visual(self) -> list[int]:

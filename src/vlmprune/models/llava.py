@@ -40,4 +40,12 @@ class LlavaAdapter(Adapter):
             features = torch.cat(list(out.pooler_output), dim=0)
         embeds = self._scatter_visual(embeds, visual, features)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[None]  # (1, B, L)
-        return PreparedInputs(input_ids, embeds, positions, mask, visual)
+        return PreparedInputs(input_ids, embeds, positions, mask, visual, self._grids(visual))
+
+    def _grids(self, visual: torch.Tensor) -> list:
+        """LLaVA-1.5's visual tokens form one square grid per image; LLaVA-NeXT's tiles do not."""
+        grids = []
+        for n in visual.sum(1).tolist():
+            side = int(round(n**0.5))
+            grids.append((side, side) if self.config.model_type == "llava" and side * side == n and n else None)
+        return grids

@@ -54,4 +54,21 @@ class Qwen2VLAdapter(Adapter):
             )
         else:
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1)
-        return PreparedInputs(input_ids, embeds, positions, mask, visual)
+        return PreparedInputs(input_ids, embeds, positions, mask, visual, self._grids(visual, image_grid_thw))
+
+    def _grids(self, visual: torch.Tensor, image_grid_thw: torch.Tensor | None) -> list:
+        """One (rows, cols) grid per sample holding exactly one image (after the 2x2 patch merge)."""
+        if image_grid_thw is None:
+            return [None] * visual.shape[0]
+        merge = self.config.vision_config.spatial_merge_size
+        sizes = iter((image_grid_thw.prod(-1) // merge**2).tolist())
+        shapes = iter([(int(h) // merge, int(w) // merge) for _, h, w in image_grid_thw.tolist()])
+        grids = []
+        for n in visual.sum(1).tolist():
+            taken, shape, count = 0, None, 0
+            while taken < n:
+                taken += next(sizes)
+                shape = next(shapes)
+                count += 1
+            grids.append(shape if count == 1 else None)
+        return grids

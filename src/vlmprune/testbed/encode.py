@@ -27,8 +27,9 @@ def pixel_values(images: np.ndarray) -> torch.Tensor:
 def encode(
     samples: Sequence[data.Sample], tokenizer, with_answer: bool = False, padding_side: str = "left"
 ) -> dict[str, torch.Tensor]:
-    """Batch tensors for `samples`. With `with_answer`, the answer and ``</s>`` follow the prompt and
-    ``labels`` holds their ids (-100 elsewhere), for teacher-forced training."""
+    """Batch tensors for `samples` (anything with ``image``, ``question`` and ``answer``). With
+    `with_answer`, the answer's words and ``</s>`` follow the prompt and ``labels`` holds their ids
+    (-100 elsewhere), for teacher-forced training."""
     vocab = tokenizer.get_vocab()
     image_id, eos_id = vocab["<image>"], tokenizer.eos_token_id
     rows, label_rows = [], []
@@ -38,7 +39,7 @@ def encode(
             ids.extend([image_id] * N_VISUAL if word == "<image>" else [vocab.get(word, tokenizer.unk_token_id)])
         labels = [-100] * len(ids)
         if with_answer:
-            tail = [vocab[s.answer], eos_id]
+            tail = [vocab[w] for w in s.answer.split()] + [eos_id]
             ids, labels = ids + tail, labels + tail
         rows.append(ids)
         label_rows.append(labels)

@@ -4,7 +4,10 @@ Every step draws fresh training scenes (train split only) from ``(seed, step)``,
 exactly the data an uninterrupted one would. The loss is the answer's cross-entropy plus an auxiliary
 cell-classification loss: a linear head on each cell's mean-pooled projected visual tokens predicts
 the cell's class or "empty" (9 labels per scene speed up learning the vision tower from scratch; the
-head is not part of the saved model). bf16 autocast, AdamW with warm-up and cosine decay.
+head is not part of the saved model). A share `describe` of each batch asks "describe the image ?",
+answered with every cell's name followed by its content ("top-left bag top nothing ..."): like LLaVA's
+caption-alignment stage, these dense targets teach the language model to read the region a cell name
+points to before it can answer questions from it. bf16 autocast, AdamW with warm-up and cosine decay.
 
 State (model, aux head, optimizer: safetensors; step and log: JSON) is written atomically every
 `save_every` steps under ``OUT/state``; running the same command again resumes from it.
@@ -14,23 +17,103 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from typing import Sequence
+
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import VlmpruneError
+from ..files import write_json
 from . import data
-from .encode import encode
+from .encode import N_VISUAL, pixel_values
 from .recipe import build_model, build_processor, build_tokenizer
 
 CELL_SIDE = data.ITEM_SIZE // 7  # patches per cell side (patch 7)
+DESCRIBE = "describe the image ?"  # "image" is not in the vocabulary: it encodes as <unk>, as the processor would
+TRAIN_WORDS = ["describe"]  # training-only words, added to the tokenizer after the task's vocabulary
+
+
+@dataclass(frozen=True)
+class Example:
+    """A training conversation about one image: (question, answer) turns; answers may be several words."""
+
+    image: object
+    turns: tuple[tuple[str, str], ...]
+
+
+def describe(sample: data.Sample, rng: np.random.Generator | None = None) -> Example:
+    """The describe task for a scene: each cell's name, then its class (or "nothing"), in row-major
+    order, or in a random order when `rng` is given. In a fixed order the contents can be read off
+    fixed relative positions; a random order forces reading the region that each cell *name* denotes."""
+    order = range(len(data.CELLS)) if rng is None else rng.permutation(len(data.CELLS)).tolist()
+    cells = sample.cells
+    words = [w for i in order for w in (data.CELLS[i], data.CLASSES[cells[i]] if cells[i] != data.EMPTY else data.NOTHING)]
+    return Example(sample.image, ((DESCRIBE, " ".join(words)),))
+
+
+def more_questions(sample: data.Sample, rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
+    """`n` further questions about the same scene, answered from its cells by brute force."""
+    cells = sample.cells
+    counts = [cells.count(c) for c in range(len(data.CLASSES))]
+    out = []
+    while len(out) < n:
+        qtype = data.QUESTION_TYPES[int(rng.integers(len(data.QUESTION_TYPES)))]
+        t = data.QUESTION_TEMPLATES[qtype]
+        if qtype == "cell":
+            i = int(rng.integers(len(data.CELLS)))
+            out.append((t.format(cell=data.CELLS[i]), data.CLASSES[cells[i]] if cells[i] != data.EMPTY else data.NOTHING))
+        elif qtype == "exists":
+            c = int(rng.integers(len(data.CLASSES)))
+            out.append((t.format(cls=data.CLASSES[c]), "yes" if counts[c] else "no"))
+        elif qtype == "count":
+            c = int(rng.integers(len(data.CLASSES)))
+            if counts[c] < len(data.COUNT_WORDS):
+                out.append((t.format(cls=data.CLASSES[c]), data.COUNT_WORDS[counts[c]]))
+        else:
+            once = [c for c in range(len(data.CLASSES)) if counts[c] == 1]
+            if once:
+                c = once[int(rng.integers(len(once)))]
+                out.append((t.format(cls=data.CLASSES[c]), data.CELLS[cells.index(c)]))
+    return out
+
+
+def encode_conversations(examples: Sequence[Example], tokenizer) -> dict[str, torch.Tensor]:
+    """Right-padded training tensors: the first turn is the evaluation prompt, later turns continue it
+    ("user : q assistant : a"); labels on every answer word and the final ``</s>``."""
+    vocab = tokenizer.get_vocab()
+    image_id, eos, unk = vocab["<image>"], tokenizer.eos_token_id, tokenizer.unk_token_id
+    rows, labels = [], []
+    for ex in examples:
+        ids, lab = [], []
+        for t, (question, answer) in enumerate(ex.turns):
+            text = data.prompt(question) if t == 0 else f"user : {question} assistant :"
+            for w in text.split():
+                piece = [image_id] * N_VISUAL if w == "<image>" else [vocab.get(w, unk)]
+                ids += piece
+                lab += [-100] * len(piece)
+            answer_ids = [vocab[w] for w in answer.split()]
+            ids += answer_ids
+            lab += answer_ids
+        rows.append(ids + [eos])
+        labels.append(lab + [eos])
+    length = max(map(len, rows))
+    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    label_t = torch.full((len(rows), length), -100, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, (ids, lab) in enumerate(zip(rows, labels)):
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        label_t[b, : len(lab)] = torch.tensor(lab)
+        mask[b, : len(ids)] = 1
+    return dict(input_ids=input_ids, attention_mask=mask, labels=label_t,
+                pixel_values=pixel_values(np.stack([ex.image for ex in examples])))
 
 
 @dataclass(frozen=True)
@@ -45,12 +128,16 @@ class TrainConfig:
     warmup: int = 100
     weight_decay: float = 0.01
     aux_weight: float = 1.0
+    describe: float = 0.25
+    shuffle_describe: bool = False  # describe the cells in a random order (see `describe`)
+    turns: int = 1  # questions per training image (the first is the generator's balanced one)
     layers: int = 6
     hidden: int = 256
     seed: int = 0
     save_every: int = 100
-    eval_every: int = 400
-    eval_samples: int = 256
+    eval_every: int = 150
+    eval_samples: int = 192
+    init_from: str | None = None  # a model directory to start from (a second training stage)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -100,6 +187,16 @@ def _atomic_dir(final: Path, write) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _command(cfg: TrainConfig) -> str:
+    """The CLI command that reproduces `cfg` (only options that differ from the defaults)."""
+    defaults = TrainConfig(out=cfg.out)
+    flags = [
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+        for k, v in asdict(cfg).items() if k != "out" and v != getattr(defaults, k)
+    ]
+    return " ".join(["vlmprune testbed train --out", cfg.out, *flags])
+
+
 def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None) -> dict | None:
     """Train (or resume) and save ``OUT/model`` (a transformers checkpoint with its processor) and
     ``OUT/training.json`` (config, time, loss log, held-out accuracy).
@@ -114,7 +211,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     state_dir = out / "state"
     train_source = data.load_fashion_mnist("train")
     test_source = data.load_fashion_mnist("test")
-    tokenizer = build_tokenizer(data.vocabulary())
+    tokenizer = build_tokenizer(data.vocabulary() + TRAIN_WORDS)
     processor = build_processor(tokenizer)
     model = build_model(tokenizer, seed=cfg.seed, layers=cfg.layers, hidden=cfg.hidden).train()
     torch.manual_seed(cfg.seed)
@@ -122,6 +219,11 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     params = list(model.parameters()) + list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     start, log, elapsed = 0, [], 0.0
+    if cfg.init_from:
+        weights = Path(cfg.init_from) / "model.safetensors"
+        if not weights.is_file():
+            raise VlmpruneError(f"--init-from {cfg.init_from}: no model.safetensors there; give a trained model directory")
+        model.load_state_dict(load_file(weights))
     if (state_dir / "state.json").is_file():
         state = json.loads((state_dir / "state.json").read_text())
         if state["config"] != asdict(cfg):
@@ -150,7 +252,12 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     running = None
     for step in bar:
         samples = data.generate(cfg.batch_size, "train", seed=cfg.seed * 1_000_003 + step, source=train_source)
-        batch = encode(samples, tokenizer, with_answer=True, padding_side="right")
+        n_describe = round(cfg.describe * len(samples))
+        rng = np.random.default_rng([cfg.seed, step])
+        examples = [describe(s, rng if cfg.shuffle_describe else None) for s in samples[:n_describe]] + [
+            Example(s.image, ((s.question, s.answer), *more_questions(s, rng, cfg.turns - 1))) for s in samples[n_describe:]
+        ]
+        batch = encode_conversations(examples, tokenizer)
         cells = torch.tensor([s.cells for s in samples])
         cells = cells.masked_fill(cells < 0, len(data.CLASSES))  # empty -> the extra class
         for group in opt.param_groups:
@@ -179,6 +286,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
         if done % cfg.save_every == 0 or done == cfg.steps or done == stop_after:
             save_state(done)
         if done == stop_after:
+            bar.close()
             return None
     elapsed += time.perf_counter() - t_start
 
@@ -190,11 +298,9 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
 
     _atomic_dir(out / "model", write_model)
     record = dict(
-        command=f"vlmprune testbed train --out {cfg.out} --steps {cfg.steps} --batch-size {cfg.batch_size} --seed {cfg.seed}",
+        command=_command(cfg),
         config=asdict(cfg), seconds=elapsed, threads=torch.get_num_threads(), log=log,
         parameters=sum(p.numel() for p in model.parameters()), torch=torch.__version__,
     )
-    tmp = out / "training.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, out / "training.json")
+    write_json(out / "training.json", record)
     return record

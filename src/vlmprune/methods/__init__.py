@@ -1,0 +1,15 @@
+"""Pruning methods, each one file with its config dataclass, registered by name (see DESIGN.md).
+
+Every method is usable as ``prune=`` in ``pm(...)`` / ``pm.generate(...)``; a list composes methods.
+"""
+
+from .base import Compose
+from .layer.random_layers import RandomLayers
+from .layer.shortgpt import ShortGPT, block_influence
+from .registry import METHODS, build_method, register_method
+from .token.fastv import FastV
+from .token.pdrop import PDrop
+from .token.pool import Pool
+from .token.random import Random
+
+__all__ = ["METHODS", "Compose", "FastV", "PDrop", "Pool", "Random", "RandomLayers", "ShortGPT", "block_influence", "build_method", "register_method"]

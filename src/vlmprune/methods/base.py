@@ -1,0 +1,83 @@
+"""What methods share: budgets, the method protocol, and composing a token method with a layer method.
+
+A method is a frozen, validated dataclass with ``decide(pm, prep) -> (Plan, [LayerPolicy])``: a plan
+for what it decides before the LLM, and policies the engine calls for what it decides inside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..engine.plan import Plan
+from ..engine.runner import StageView
+from ..errors import VlmpruneError
+
+
+def check_keep(keep: float | int, what: str = "keep") -> None:
+    """A token budget: a ratio in (0, 1] (float) or a count >= 1 (int)."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise VlmpruneError(f"{what} must be a ratio in (0, 1] or a token count >= 1, got {keep!r}")
+    if isinstance(keep, float) and not 0 < keep <= 1:
+        raise VlmpruneError(f"{what}={keep} is outside (0, 1]; give a ratio in (0, 1] or an integer token count")
+    if isinstance(keep, int) and keep < 1:
+        raise VlmpruneError(f"{what}={keep}: a token count must be >= 1")
+
+
+def keep_count(keep: float | int, n_visual: int) -> int:
+    """Visual tokens to keep out of `n_visual` for budget `keep` (a ratio rounds, at least 1)."""
+    if isinstance(keep, float):
+        return max(1, min(n_visual, round(keep * n_visual)))
+    if keep > n_visual:
+        raise VlmpruneError(f"keep={keep} visual tokens, but a sample has only {n_visual}; use a count <= {n_visual} or a ratio")
+    return keep
+
+
+def check_layer(layer: int, n_layers: int, lowest: int = 0, what: str = "layer") -> None:
+    if not lowest <= layer < n_layers:
+        raise VlmpruneError(f"{what}={layer} is out of range: this model's decoder layers are {lowest}..{n_layers - 1}")
+
+
+def top_visual(view: StageView, scores: torch.Tensor, keep: float | int) -> list[torch.Tensor]:
+    """Per sample, the `keep` budget of the currently present visual tokens with the highest scores.
+
+    `scores` is ``[B, n_cols]`` over visual indices, -inf where a token is absent (`StageView.visual_scores`).
+    """
+    present = view.state.visual_counts().tolist()
+    return [row.topk(keep_count(keep, n)).indices for row, n in zip(scores, present)]
+
+
+def last_token_attention(view: StageView) -> torch.Tensor:
+    """``[B, n_cols]`` the last token's attention to each visual token in the previous layer, mean over heads."""
+    rows = view.attention_rows(view.last_token_index())  # (B, H, 1, L)
+    return view.visual_scores(rows.mean(1)[:, 0])
+
+
+@dataclass(frozen=True)
+class Compose:
+    """Several methods in one run, e.g. ``Compose(FastV(...), ShortGPT(...))``: their token stages must
+    sit at different layers; skipped layers are the union."""
+
+    methods: tuple
+
+    def __init__(self, *methods: Any):
+        if not methods:
+            raise VlmpruneError("Compose needs at least one method")
+        object.__setattr__(self, "methods", tuple(methods))
+
+    def decide(self, pm, prep) -> tuple[Plan, list]:
+        keep, merge, skip, policies = {}, {}, set(), []
+        for method in self.methods:
+            plan, pols = method.decide(pm, prep)
+            overlap = set(plan.keep) & set(keep)
+            if overlap:
+                raise VlmpruneError(f"two methods drop tokens at layer {sorted(overlap)[0]}; compose methods that act at different layers")
+            if isinstance(plan.skip, tuple):
+                raise VlmpruneError("Compose takes methods whose skip lists are shared by the batch")
+            keep.update(plan.keep)
+            merge.update(plan.merge)
+            skip |= plan.skip
+            policies.extend(pols)
+        return Plan(keep=keep, skip=sorted(skip), merge=merge), policies

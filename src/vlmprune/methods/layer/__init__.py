@@ -1,0 +1,1 @@
+"""Layer methods: decide which decoder layers do not run."""

@@ -1,0 +1,1 @@
+"""Visual-token methods: decide which visual tokens leave the sequence, and from which layer."""

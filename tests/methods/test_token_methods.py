@@ -1,0 +1,133 @@
+"""Token methods: kept indices equal brute-force references from full eager attention maps or the definition."""
+
+import pytest
+import torch
+
+import vlmprune
+from conftest import FAMILIES, IMAGE_TOKEN, make_batch
+from reference import masked_attentions
+from vlmprune.engine.sequence import TokenState
+from vlmprune.methods.token.pool import pooled_groups
+
+
+def _batch(tiny_models, family):
+    model = tiny_models(family)
+    return model, make_batch(family, model, [3, 6, 1], [4, 2, 7], "left")
+
+
+def _topk_from_maps(maps, layer, batch, present, keep):
+    """Brute force: the last token's head-mean attention in `layer`, over each sample's present visual tokens."""
+    visual = batch.input_ids == IMAGE_TOKEN
+    out = []
+    for b in range(visual.shape[0]):
+        scores = maps[layer][b, :, -1].mean(0)[visual[b]]  # one score per visual index
+        scores = torch.where(present[b], scores, torch.tensor(float("-inf")))
+        n = int(present[b].sum())
+        k = max(1, min(n, round(keep * n)))
+        out.append(scores.topk(k).indices.sort().values)
+    return out
+
+
+def _dropped(batch, keep_rows):
+    visual = batch.input_ids == IMAGE_TOKEN
+    out = torch.zeros_like(visual)
+    for b, row in enumerate(keep_rows):
+        pos = visual[b].nonzero().squeeze(1)
+        gone = torch.ones(pos.numel(), dtype=torch.bool)
+        gone[row] = False
+        out[b, pos[gone]] = True
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fastv_keeps_the_brute_force_top_tokens(tiny_models, family):
+    model, batch = _batch(tiny_models, family)
+    maps = masked_attentions(tiny_models(family, "eager"), family, batch, {})
+    out = vlmprune.wrap(model)(**batch.kwargs(), prune=vlmprune.FastV(layer=3, keep=0.3))
+    present = [torch.ones(n, dtype=torch.bool) for n in batch.n_visual]
+    expected = _topk_from_maps(maps, 2, batch, present, 0.3)
+    assert [r.tolist() for r in out.stats.plan.keep[3]] == [e.tolist() for e in expected]
+    assert out.stats.visual_tokens[:, 3].tolist() == [e.numel() for e in expected]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pdrop_stages_follow_masked_reference_attention(tiny_models, family):
+    model, batch = _batch(tiny_models, family)
+    eager = tiny_models(family, "eager")
+    method = vlmprune.PDrop(keep=0.25, stages=(0.34, 0.67))  # 6 layers -> stages at layers 2 and 4
+    out = vlmprune.wrap(model)(**batch.kwargs(), prune=method)
+    assert sorted(out.stats.plan.keep) == [2, 4]
+    drops, present = {}, [torch.ones(n, dtype=torch.bool) for n in batch.n_visual]
+    for layer in (2, 4):
+        maps = masked_attentions(eager, family, batch, drops)
+        expected = _topk_from_maps(maps, layer - 1, batch, present, method.lam)
+        assert [r.tolist() for r in out.stats.plan.keep[layer]] == [e.tolist() for e in expected], layer
+        present = [torch.isin(torch.arange(n), e) for n, e in zip(batch.n_visual, expected)]
+        drops[layer] = _dropped(batch, expected)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_pool_equals_adaptive_average_pooling(tiny_models, family):
+    model, batch = _batch(tiny_models, family)
+    pm = vlmprune.wrap(model)
+    prep = pm.prepare(**batch.kwargs())
+    plan, _ = vlmprune.Pool(keep=0.25).decide(pm, prep)
+    state = TokenState.from_prepared(prep).keep_visual(plan.keep[0], plan.merge[0])
+    for b, (rows, cols) in enumerate(prep.visual_grids):
+        assert rows * cols == batch.n_visual[b] and rows % 2 == 0 and cols % 2 == 0
+        grid = prep.inputs_embeds[b, prep.visual_mask[b]].view(rows, cols, -1).permute(2, 0, 1)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(grid, (rows // 2, cols // 2)).permute(1, 2, 0).reshape(-1, grid.shape[0])
+        got = state.hidden[b, state.visual_index[b] >= 0]
+        torch.testing.assert_close(got, pooled, atol=1e-6, rtol=0)
+
+
+def test_pooled_groups_partition_the_grid():
+    assign, keep = pooled_groups(12, 12, 36)
+    assert keep.numel() == 36 and torch.equal(torch.unique(assign), keep)
+    assert torch.bincount(assign)[keep].tolist() == [4] * 36
+    assert pooled_groups(5, 7, 6)[1].numel() == 6
+
+
+def test_random_is_seeded_and_sized(tiny_models):
+    model, batch = _batch(tiny_models, "llava_next")
+    pm = vlmprune.wrap(model)
+    prep = pm.prepare(**batch.kwargs())
+    a, _ = vlmprune.Random(keep=0.5, layer=1, seed=3).decide(pm, prep)
+    b, _ = vlmprune.Random(keep=0.5, layer=1, seed=3).decide(pm, prep)
+    c, _ = vlmprune.Random(keep=0.5, layer=1, seed=4).decide(pm, prep)
+    assert a == b and a != c
+    assert [r.numel() for r in a.keep[1]] == [round(n / 2) for n in batch.n_visual]
+
+
+def test_a_method_in_generate_equals_its_applied_plan(tiny_models):
+    model, batch = _batch(tiny_models, "qwen2_5_vl")
+    pm = vlmprune.wrap(model)
+    method = vlmprune.FastV(layer=2, keep=0.2)
+    applied = pm(**batch.kwargs(), prune=method).stats.plan
+    kw = dict(**batch.kwargs(), max_new_tokens=6, eos_token_id=None)
+    assert torch.equal(pm.generate(**kw, prune=method), pm.generate(**kw, prune=applied))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: vlmprune.FastV(keep=1.5), r"outside \(0, 1\]"),
+        (lambda: vlmprune.FastV(keep=0.0), r"outside \(0, 1\]"),
+        (lambda: vlmprune.FastV(layer=0), "layer K must be >= 1"),
+        (lambda: vlmprune.Random(keep=-3), "count must be >= 1"),
+        (lambda: vlmprune.PDrop(stages=(0.5, 0.2)), "increasing fractions"),
+        (lambda: vlmprune.build_method("fastvv"), "unknown pruning method 'fastvv'; known methods: .*fastv"),
+    ],
+)
+def test_bad_configs_name_the_valid_range(make, message):
+    with pytest.raises(vlmprune.VlmpruneError, match=message):
+        make()
+
+
+def test_budgets_checked_against_the_input(tiny_models):
+    model, batch = _batch(tiny_models, "llava")
+    pm = vlmprune.wrap(model)
+    with pytest.raises(vlmprune.VlmpruneError, match="only 16; use a count <= 16"):
+        pm(**batch.kwargs(), prune=vlmprune.FastV(keep=40))
+    with pytest.raises(vlmprune.VlmpruneError, match=r"layer=9 is out of range.*1\.\.5"):
+        pm(**batch.kwargs(), prune=vlmprune.FastV(layer=9))
