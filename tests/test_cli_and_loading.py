@@ -66,6 +66,35 @@ def test_bad_inputs_give_one_line_and_exit_2(checkpoint, image, capsys, extra, m
     assert message in err and len(err.splitlines()) == 1
 
 
+def test_generate_with_methods(checkpoint, image, capsys):
+    base = ["generate", "--model", str(checkpoint), "--image", str(image), "--prompt", PROMPT, "--max-new-tokens", "2"]
+    assert main(base + ["--method", "fastv", "--keep", "0.25", "--layer", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "visual tokens in -> out 144 -> 36" in out and "layer  2: run  visual=  144" in out and "layer  3: run  visual=   36" in out
+    assert main(base + ["--method", "pool,random-layers", "--keep", "36", "--keep-layers", "6"]) == 0
+    assert "layers run 6/8, visual tokens in -> out 36 -> 36" in capsys.readouterr().out
+    assert main(base + ["--method", "fastv", "--keep", "0.25", "--skip", "7"]) == 0
+    assert "layers run 7/8, visual tokens in -> out 144 -> 36" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "nosuch"], "unknown pruning method 'nosuch'; known methods:"),
+        (["--method", "fastv", "--keep", "1.5"], r"outside \(0, 1\]"),
+        (["--method", "fastv", "--keep-layers", "3"], "not taken by fastv"),
+        (["--method", "fastv", "--keep", "200"], "only 144; use a count <= 144"),
+        (["--method", "fastv", "--layer", "8"], "layer=8 is out of range"),
+        (["--method", "fastv", "--plan", "{}"], "either --method or --plan"),
+    ],
+)
+def test_bad_method_options_exit_2(checkpoint, image, capsys, extra, message):
+    args = ["generate", "--model", str(checkpoint), "--image", str(image), "--prompt", PROMPT] + extra
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and __import__("re").search(message, err), err
+
+
 def test_console_entry_point_exits_2_without_traceback(checkpoint):
     proc = subprocess.run(
         [sys.executable, "-m", "vlmprune.cli", "generate", "--model", str(checkpoint), "--image", "nope.png", "--prompt", PROMPT],

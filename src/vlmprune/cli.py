@@ -8,31 +8,78 @@ import sys
 from .errors import VlmpruneError
 
 
+def _keep(text: str | None) -> float | int | None:
+    """'0.25' -> ratio 0.25, '64' -> count 64."""
+    if text is None:
+        return None
+    try:
+        return int(text) if text.isdigit() else float(text)
+    except ValueError as err:
+        raise VlmpruneError(f"--keep takes a ratio in (0, 1] or a token count, got {text!r}") from err
+
+
+def _decision(args: argparse.Namespace, pm=None):
+    """The --plan/--skip plan, or the --method decision (calibrating ShortGPT when asked for)."""
+    from .prompting import parse_plan
+
+    if args.method and args.plan:
+        raise VlmpruneError("give either --method or --plan, not both")
+    if not args.method:
+        return parse_plan(args.plan, args.skip)
+    from .methods.registry import configure
+
+    method = configure(args.method, keep=_keep(args.keep), layer=args.layer, keep_layers=args.keep_layers, seed=args.seed)
+    if pm is None:
+        return method
+    methods = method if isinstance(method, list) else [method]
+    methods = [m.calibrate(pm, _calibration_batches(pm, args.calib)) if hasattr(m, "calibrate") else m for m in methods]
+    plan = parse_plan(None, args.skip)
+    return methods[0] if len(methods) == 1 and plan is None else methods + ([plan] if plan else [])
+
+
+def _calibration_batches(pm, n: int) -> list[dict]:
+    """Calibration inputs: FashionScenes training scenes (never the evaluation split)."""
+    from .testbed import data
+    from .testbed.encode import encode
+
+    samples = data.generate(n, "train", seed=12345)
+    return [encode(samples[i : i + 16], pm.processor.tokenizer) for i in range(0, n, 16)]
+
+
+def _add_method_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", help="pruning method name(s), comma-separated, e.g. fastv or fastv,shortgpt")
+    parser.add_argument("--keep", help="visual tokens to keep: a ratio in (0, 1] or a count")
+    parser.add_argument("--layer", type=int, help="the decoder layer a token method acts at")
+    parser.add_argument("--keep-layers", type=int, help="decoder layers a layer method keeps")
+    parser.add_argument("--seed", type=int, help="seed for random methods")
+    parser.add_argument("--calib", type=int, default=64, help="calibration scenes for methods that need them (ShortGPT)")
+
+
 def _cmd_generate(args: argparse.Namespace) -> None:
     from . import load
-    from .prompting import generate_answer, parse_plan, read_image
+    from .prompting import generate_answer, read_image
 
-    plan = parse_plan(args.plan, args.skip)  # parse before the slow load, so bad input fails fast
+    _decision(args)  # validate before the slow load, so bad input fails fast
     image = read_image(args.image) if args.image else None
     pm = load(args.model)
-    answer, result = generate_answer(pm, args.prompt, image, prune=plan, max_new_tokens=args.max_new_tokens)
+    answer, result = generate_answer(pm, args.prompt, image, prune=_decision(args, pm), max_new_tokens=args.max_new_tokens)
     print(answer)
     print(result.stats.summary())
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     from . import load
+    from .engine.plan import Plan
     from .eval.vqa import evaluate
     from .files import write_json
-    from .prompting import parse_plan
     from .testbed import eval_set
 
-    plan = parse_plan(args.plan, args.skip)
-    if plan is not None and plan.batch_size is not None:
+    decision = _decision(args)
+    if isinstance(decision, Plan) and decision.batch_size is not None:
         raise VlmpruneError("eval runs many batches: give a plan without per-sample keeps (e.g. --skip), or use a method")
     samples = eval_set(args.limit)
     pm = load(args.model)
-    result = evaluate(pm, samples, prune=plan, batch_size=args.batch_size)
+    result = evaluate(pm, samples, prune=_decision(args, pm), batch_size=args.batch_size)
     print(format_vqa(result))
     if args.json:
         write_json(args.json, result.to_dict())
@@ -88,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--plan", help='a Plan as JSON text or file, e.g. \'{"keep": {"2": [[0, 5, 9]]}, "skip": [6]}\'')
     gen.add_argument("--skip", help="comma-separated decoder layers not to run, e.g. 5,6")
     gen.add_argument("--max-new-tokens", type=int, default=20)
+    _add_method_args(gen)
     gen.set_defaults(func=_cmd_generate)
 
     ev = sub.add_parser("eval", help="accuracy on the shipped FashionScenes evaluation set")
@@ -97,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plan", help="a batch-size-free Plan as JSON (e.g. a skip list)")
     ev.add_argument("--skip", help="comma-separated decoder layers not to run")
     ev.add_argument("--batch-size", type=int, default=32)
+    _add_method_args(ev)
     ev.set_defaults(func=_cmd_eval)
 
     testbed = sub.add_parser("testbed", help="the embedded default: train the FashionScenes LLaVA")

@@ -83,6 +83,12 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    from vlmprune.testbed.train import _initial_weights
+
+    from_model, from_state = _initial_weights(Path(straight.out) / "model"), _initial_weights(Path(straight.out) / "state")
+    assert from_model.keys() == from_state.keys() and all(torch.equal(from_model[k], from_state[k]) for k in from_model)
+    with pytest.raises(vlmprune.VlmpruneError, match="neither a saved model"):
+        _initial_weights(tmp_path)
     with pytest.raises(vlmprune.VlmpruneError, match="another configuration"):
         train(TrainConfig(out=interrupted.out, **{**common, "seed": 6}), progress=False)
 

@@ -57,8 +57,8 @@ def last_token_attention(view: StageView) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Compose:
-    """Several methods in one run, e.g. ``Compose(FastV(...), ShortGPT(...))``: their token stages must
-    sit at different layers; skipped layers are the union."""
+    """Several methods (or plain Plans) in one run, e.g. ``Compose(FastV(...), ShortGPT(...))``: their
+    token stages must sit at different layers; skipped layers are the union."""
 
     methods: tuple
 
@@ -70,7 +70,7 @@ class Compose:
     def decide(self, pm, prep) -> tuple[Plan, list]:
         keep, merge, skip, policies = {}, {}, set(), []
         for method in self.methods:
-            plan, pols = method.decide(pm, prep)
+            plan, pols = (method, []) if isinstance(method, Plan) else method.decide(pm, prep)
             overlap = set(plan.keep) & set(keep)
             if overlap:
                 raise VlmpruneError(f"two methods drop tokens at layer {sorted(overlap)[0]}; compose methods that act at different layers")

@@ -187,6 +187,17 @@ def _atomic_dir(final: Path, write) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _initial_weights(source: Path) -> dict[str, torch.Tensor]:
+    """Weights to start from: a saved model directory (transformers checkpoint) or a training state directory."""
+    if (source / "config.json").is_file():
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration.from_pretrained(source).state_dict()
+    if (source / "model.safetensors").is_file():
+        return load_file(source / "model.safetensors")
+    raise VlmpruneError(f"--init-from {source}: neither a saved model (config.json) nor a training state (model.safetensors)")
+
+
 def _command(cfg: TrainConfig) -> str:
     """The CLI command that reproduces `cfg` (only options that differ from the defaults)."""
     defaults = TrainConfig(out=cfg.out)
@@ -220,10 +231,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     start, log, elapsed = 0, [], 0.0
     if cfg.init_from:
-        weights = Path(cfg.init_from) / "model.safetensors"
-        if not weights.is_file():
-            raise VlmpruneError(f"--init-from {cfg.init_from}: no model.safetensors there; give a trained model directory")
-        model.load_state_dict(load_file(weights))
+        model.load_state_dict(_initial_weights(Path(cfg.init_from)))
     if (state_dir / "state.json").is_file():
         state = json.loads((state_dir / "state.json").read_text())
         if state["config"] != asdict(cfg):
