@@ -10,11 +10,11 @@
 from .engine.plan import Plan
 from .errors import VlmpruneError
 from .loading import load, wrap
-from .methods import Compose, FastV, PDrop, Pool, Random, RandomLayers, ShortGPT, build_method
+from .methods import Compose, FastV, PDrop, Pool, Random, RandomLayers, ShortGPT, SparseVLM, build_method
 from .pruned_model import GenerationResult, PrunedModel, PrunedOutput
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Compose", "FastV", "PDrop", "Pool", "Random", "RandomLayers", "ShortGPT", "build_method",
+    "Compose", "FastV", "PDrop", "Pool", "Random", "RandomLayers", "ShortGPT", "SparseVLM", "build_method",
     "GenerationResult", "Plan", "PrunedModel", "PrunedOutput", "VlmpruneError", "load", "wrap"]

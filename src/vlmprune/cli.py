@@ -33,8 +33,9 @@ def _decision(args: argparse.Namespace, pm=None):
         return method
     methods = method if isinstance(method, list) else [method]
     methods = [m.calibrate(pm, _calibration_batches(pm, args.calib)) if hasattr(m, "calibrate") else m for m in methods]
-    plan = parse_plan(None, args.skip)
-    return methods[0] if len(methods) == 1 and plan is None else methods + ([plan] if plan else [])
+    skip = parse_plan(None, args.skip)
+    decisions = methods + ([skip] if skip else [])
+    return decisions[0] if len(decisions) == 1 else decisions
 
 
 def _calibration_batches(pm, n: int) -> list[dict]:

@@ -131,3 +131,53 @@ def test_budgets_checked_against_the_input(tiny_models):
         pm(**batch.kwargs(), prune=vlmprune.FastV(keep=40))
     with pytest.raises(vlmprune.VlmpruneError, match=r"layer=9 is out of range.*1\.\.5"):
         pm(**batch.kwargs(), prune=vlmprune.FastV(layer=9))
+
+
+def _sparsevlm_brute_force(maps, hidden, batch, layer, keep, recycle=0.3, cluster_size=4, n_stages=2):
+    """SparseVLM's first stage from full eager maps and the model's own hidden states, sample by sample."""
+    import math
+
+    visual = batch.input_ids == IMAGE_TOKEN
+    keeps, assigns = [], []
+    for b in range(visual.shape[0]):
+        pos = visual[b].nonzero().squeeze(1)
+        text = batch.attention_mask[b].bool() & ~visual[b]
+        text[: int(pos[0])] = False
+        probs = maps[layer - 1][b].mean(0)[text]  # (R, L) head-mean rows of the text that sees the image
+        mass = probs[:, pos].sum(-1)
+        scores = probs[mass >= mass.mean()].mean(0)[pos]
+        n = pos.numel()
+        k = max(1, min(n, round(keep ** (1 / n_stages) * n)))
+        ranked = torch.argsort(scores, descending=True, stable=True)
+        deleted = ranked[k:]
+        n_rec = math.ceil(recycle * len(deleted))
+        n_c = min(k - 1, math.ceil(n_rec / cluster_size))
+        kept, recycled, centres = ranked[: k - n_c], deleted[:n_rec], deleted[:n_c]
+        assign = torch.full((n,), -1)
+        assign[kept] = kept
+        h = torch.nn.functional.normalize(hidden[layer][b, pos].float(), dim=-1)
+        if n_c:
+            assign[recycled] = centres[(h[recycled] @ h[centres].T).argmax(1)]
+            assign[centres] = centres
+        keeps.append(torch.sort(torch.cat([kept, centres])).values)
+        assigns.append(assign)
+    return keeps, assigns
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparsevlm_first_stage_equals_brute_force(tiny_models, family):
+    model, batch = _batch(tiny_models, family)
+    eager = tiny_models(family, "eager")
+    from reference import _hf_inputs
+
+    with torch.no_grad():
+        out_eager = eager(**_hf_inputs(family, batch.input_ids, batch.attention_mask, batch.vision), output_attentions=True, output_hidden_states=True)
+    method = vlmprune.SparseVLM(keep=0.25, stages=(0.34, 0.67))
+    out = vlmprune.wrap(model)(**batch.kwargs(), prune=method)
+    assert sorted(out.stats.plan.keep) == [2, 4]
+    keeps, assigns = _sparsevlm_brute_force(out_eager.attentions, out_eager.hidden_states, batch, 2, 0.25)
+    assert [r.tolist() for r in out.stats.plan.keep[2]] == [k.tolist() for k in keeps]
+    assert [r.tolist() for r in out.stats.plan.merge[2]] == [a.tolist() for a in assigns]
+    assert out.stats.visual_tokens[:, 2].tolist() == [k.numel() for k in keeps]
+    # the second stage keeps lambda of what the first kept, and merged tokens keep their count
+    assert (out.stats.visual_tokens[:, 4] <= out.stats.visual_tokens[:, 2]).all()

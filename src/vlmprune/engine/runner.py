@@ -8,7 +8,7 @@ original prompt length through the same per-layer caches and skip sets.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import torch
@@ -41,6 +41,7 @@ class StageView:
     cache: LayerwiseKVCache
     last_layer: int | None  # the last layer that ran for every sample in the current layout
     last_input: torch.Tensor | None  # that layer's input hidden states [B, L, D]
+    n_visual: list[int] = field(default_factory=list)  # each sample's visual tokens in the prompt
 
     def attention_rows(self, query_index: torch.Tensor) -> torch.Tensor:
         """``[B, H, R, L]`` attention probabilities of queries ``query_index [B, R]`` in the last layer run."""
@@ -153,7 +154,7 @@ def prefill(
 
     for i, layer in enumerate(dec.layers):
         if i in by_layer:
-            view = StageView(adapter, state, cache, last_layer, last_input)
+            view = StageView(adapter, state, cache, last_layer, last_input, prep.n_visual)
             decision = by_layer[i].select(i, view)
             decided = decision if isinstance(decision, Plan) else Plan(keep={i: decision})
             decided.validate(n_layers, prep.n_visual)

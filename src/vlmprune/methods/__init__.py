@@ -11,5 +11,6 @@ from .token.fastv import FastV
 from .token.pdrop import PDrop
 from .token.pool import Pool
 from .token.random import Random
+from .token.sparsevlm import SparseVLM
 
-__all__ = ["METHODS", "Compose", "FastV", "PDrop", "Pool", "Random", "RandomLayers", "ShortGPT", "block_influence", "build_method", "register_method"]
+__all__ = ["METHODS", "Compose", "FastV", "PDrop", "Pool", "Random", "RandomLayers", "ShortGPT", "SparseVLM", "block_influence", "build_method", "register_method"]

@@ -1,0 +1,132 @@
+"""SparseVLM (Zhang et al., 2024, "SparseVLM: Visual Token Sparsification for Efficient Vision-Language
+Model Inference", arXiv:2410.04417)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ...engine.plan import Plan
+from ...errors import VlmpruneError
+from ..base import check_keep, keep_count
+from ..registry import register_method
+
+
+@register_method("sparsevlm")
+@dataclass(frozen=True)
+class SparseVLM:
+    """Text-guided, multi-stage visual-token sparsification with token recycling.
+
+    At each stage layer K (at fractions `stages` of the depth), with the attention of layer K-1:
+
+    1. raters: the text tokens that can see the image (after the first visual token) whose attention
+       mass on the visual tokens (mean over heads) is at least the mean over those text tokens;
+    2. each present visual token's score is the raters' mean attention to it;
+    3. a share lambda = keep ** (1 / n_stages) of the present tokens survives: the top-scored ones,
+       except that `recycle` of the deleted tokens with the highest scores are clustered (centres: the
+       best-scored of them, one per `cluster_size`; members join the most similar centre by cosine
+       of hidden states) and each cluster is merged into its centre, which takes one of the kept slots.
+    """
+
+    keep: float = 0.25
+    stages: tuple[float, ...] = (2 / 32, 6 / 32, 15 / 32)
+    recycle: float = 0.3
+    cluster_size: int = 4
+
+    def __post_init__(self) -> None:
+        check_keep(self.keep)
+        if not isinstance(self.keep, float):
+            raise VlmpruneError("SparseVLM's keep is the final share of visual tokens: a ratio in (0, 1]")
+        if not self.stages or any(not 0 < f < 1 for f in self.stages) or list(self.stages) != sorted(set(self.stages)):
+            raise VlmpruneError(f"SparseVLM stages must be increasing fractions of depth in (0, 1), got {self.stages}")
+        if not 0 <= self.recycle <= 1 or self.cluster_size < 1:
+            raise VlmpruneError("SparseVLM needs recycle in [0, 1] and cluster_size >= 1")
+
+    def stage_layers(self, n_layers: int) -> tuple[int, ...]:
+        return tuple(sorted({min(n_layers - 1, max(1, round(f * n_layers))) for f in self.stages}))
+
+    def decide(self, pm, prep):
+        return Plan(), [_Stages(self.stage_layers(pm.n_layers), self)]
+
+
+def rater_scores(probs: torch.Tensor, text_rows: torch.Tensor, visual_cols: torch.Tensor) -> torch.Tensor:
+    """Visual scores of one sample from head-mean attention ``probs [R, L]`` of its text rows.
+
+    `text_rows` marks which rows are real text queries, `visual_cols` which keys are visual tokens.
+    Returns ``[L]`` scores (meaningful at visual columns).
+    """
+    mass = probs[:, visual_cols].sum(-1)  # (R,) attention each text token pays to the image
+    real = mass[text_rows]
+    raters = text_rows & (mass >= real.mean())
+    return probs[raters].mean(0)
+
+
+@dataclass(frozen=True)
+class _Stages:
+    layers: tuple[int, ...]
+    cfg: SparseVLM
+
+    def select(self, layer, view):
+        state = view.state
+        bsz, length = state.valid.shape
+        t = torch.arange(length, device=state.valid.device)
+        first_visual = torch.where(state.visual_index >= 0, t, length).amin(1, keepdim=True)
+        text = state.valid & (state.visual_index < 0) & (t > first_visual)  # text that can see the image
+        counts = text.sum(1)
+        if bool((counts == 0).any()):
+            raise VlmpruneError("SparseVLM needs text after the image in every sample (its raters)")
+        width = int(counts.max())
+        # query rows: each sample's text positions, padded by repeating its last one (flagged not real)
+        order = torch.sort(torch.where(text, t, length + t), dim=1).indices[:, :width]
+        real = torch.arange(width)[None] < counts[:, None]
+        rows = torch.where(real, order, order.gather(1, (counts - 1)[:, None]))
+        probs = view.attention_rows(rows).mean(1)  # (B, R, L)
+        lam = self.cfg.keep ** (1 / len(self.layers))
+        n_cols = int(state.visual_index.max()) + 1
+        keeps, assigns = [], []
+        for b in range(bsz):
+            visual = state.visual_index[b] >= 0
+            scores = rater_scores(probs[b], real[b], visual)
+            present = state.visual_index[b][visual]  # visual indices, in sequence order
+            s = scores[visual]
+            keep, assign = _choose(s, present, state.hidden[b][visual], keep_count(float(lam), int(present.numel())), self.cfg)
+            full = torch.full((n_cols,), -1, dtype=torch.long)
+            full[present.cpu()] = assign.cpu()
+            keeps.append(keep.cpu())
+            assigns.append(full)
+        return Plan(keep={layer: keeps}, merge={layer: _pad_to_inputs(assigns, view)})
+
+
+def _choose(scores, present, hidden, k: int, cfg: SparseVLM) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept visual indices and each present token's merge target (visual index, or -1)."""
+    ranked = torch.argsort(scores, descending=True, stable=True)
+    n = present.numel()
+    deleted = ranked[k:]
+    n_recycled = min(len(deleted), math.ceil(cfg.recycle * len(deleted))) if k < n else 0
+    n_centres = min(k - 1, math.ceil(n_recycled / cfg.cluster_size)) if n_recycled else 0
+    kept_pos = ranked[: k - n_centres]
+    recycled = deleted[:n_recycled]
+    centres = recycled[:n_centres]
+    assign = torch.full((n,), -1, dtype=torch.long)
+    assign[kept_pos] = present[kept_pos]
+    if n_centres:
+        unit = torch.nn.functional.normalize(hidden.float(), dim=-1)
+        similarity = unit[recycled] @ unit[centres].T  # (n_recycled, n_centres)
+        nearest = centres[similarity.argmax(1)]
+        assign[recycled] = present[nearest]
+        assign[centres] = present[centres]
+    keep = torch.sort(present[torch.cat([kept_pos, centres])]).values
+    return keep, assign
+
+
+def _pad_to_inputs(assigns: list[torch.Tensor], view) -> list[torch.Tensor]:
+    """Merge rows must have each sample's original visual-token count; absent tokens are -1."""
+    out = []
+    for b, row in enumerate(assigns):
+        n = view.n_visual[b]
+        full = torch.full((n,), -1, dtype=torch.long)
+        full[: min(n, row.numel())] = row[:n]
+        out.append(full)
+    return out
