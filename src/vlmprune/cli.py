@@ -47,7 +47,10 @@ def _calibration_batches(pm, n: int) -> list[dict]:
     return [encode(samples[i : i + 16], pm.processor.tokenizer) for i in range(0, n, 16)]
 
 
-def _add_method_args(parser: argparse.ArgumentParser) -> None:
+def _add_decision_args(parser: argparse.ArgumentParser) -> None:
+    """What to prune: a hand-written plan and/or skip list, or named methods with their budget."""
+    parser.add_argument("--plan", help='a Plan as JSON text or file, e.g. \'{"keep": {"2": [[0, 5, 9]]}, "skip": [6]}\'')
+    parser.add_argument("--skip", help="comma-separated decoder layers not to run, e.g. 5,6")
     parser.add_argument("--method", help="pruning method name(s), comma-separated, e.g. fastv or fastv,shortgpt")
     parser.add_argument("--keep", help="visual tokens to keep: a ratio in (0, 1] or a count")
     parser.add_argument("--layer", type=int, help="the decoder layer a token method acts at")
@@ -133,20 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help="checkpoint directory, 'testbed', or a hub id")
     gen.add_argument("--image", help="image file (PNG/JPEG)")
     gen.add_argument("--prompt", required=True, help="prompt text containing the processor's image placeholder")
-    gen.add_argument("--plan", help='a Plan as JSON text or file, e.g. \'{"keep": {"2": [[0, 5, 9]]}, "skip": [6]}\'')
-    gen.add_argument("--skip", help="comma-separated decoder layers not to run, e.g. 5,6")
     gen.add_argument("--max-new-tokens", type=int, default=20)
-    _add_method_args(gen)
+    _add_decision_args(gen)
     gen.set_defaults(func=_cmd_generate)
 
     ev = sub.add_parser("eval", help="accuracy on the shipped FashionScenes evaluation set")
     ev.add_argument("--model", default="testbed", help="checkpoint directory or 'testbed'")
     ev.add_argument("--limit", type=int, help="evaluate the first N questions only")
     ev.add_argument("--json", help="also write the result as JSON to this file")
-    ev.add_argument("--plan", help="a batch-size-free Plan as JSON (e.g. a skip list)")
-    ev.add_argument("--skip", help="comma-separated decoder layers not to run")
     ev.add_argument("--batch-size", type=int, default=32)
-    _add_method_args(ev)
+    _add_decision_args(ev)
     ev.set_defaults(func=_cmd_eval)
 
     testbed = sub.add_parser("testbed", help="the embedded default: train the FashionScenes LLaVA")

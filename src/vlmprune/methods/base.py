@@ -35,6 +35,21 @@ def keep_count(keep: float | int, n_visual: int) -> int:
     return keep
 
 
+def check_stages(method: str, keep: float, stages: tuple[float, ...]) -> None:
+    """Multi-stage methods: `keep` is the final share of visual tokens, `stages` increasing depth fractions."""
+    check_keep(keep)
+    if not isinstance(keep, float):
+        raise VlmpruneError(f"{method}'s keep is the final share of visual tokens: a ratio in (0, 1]")
+    if not stages or any(not 0 < f < 1 for f in stages) or list(stages) != sorted(set(stages)):
+        raise VlmpruneError(f"{method} stages must be increasing fractions of depth in (0, 1), got {stages}")
+
+
+def stage_layers(stages: tuple[float, ...], n_layers: int) -> tuple[int, ...]:
+    """Stage boundaries as decoder layers: ``round(f * n_layers)`` clamped to ``1 .. n_layers-1`` (a
+    stage reads the attention of the layer before it), duplicates merged."""
+    return tuple(sorted({min(n_layers - 1, max(1, round(f * n_layers))) for f in stages}))
+
+
 def check_layer(layer: int, n_layers: int, lowest: int = 0, what: str = "layer") -> None:
     if not lowest <= layer < n_layers:
         raise VlmpruneError(f"{what}={layer} is out of range: this model's decoder layers are {lowest}..{n_layers - 1}")

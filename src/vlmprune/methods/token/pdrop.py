@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...engine.plan import Plan
-from ...errors import VlmpruneError
-from ..base import check_keep, last_token_attention, top_visual
+from ..base import check_keep, check_stages, last_token_attention, stage_layers, top_visual
 from ..registry import register_method
 
 
@@ -27,11 +26,7 @@ class PDrop:
     ratio: float | None = None
 
     def __post_init__(self) -> None:
-        check_keep(self.keep)
-        if not isinstance(self.keep, float):
-            raise VlmpruneError("PDrop's keep is the final share of visual tokens: a ratio in (0, 1]")
-        if not self.stages or any(not 0 < f < 1 for f in self.stages) or list(self.stages) != sorted(set(self.stages)):
-            raise VlmpruneError(f"PDrop stages must be increasing fractions of depth in (0, 1), got {self.stages}")
+        check_stages("PDrop", self.keep, self.stages)
         if self.ratio is not None:
             check_keep(float(self.ratio), "ratio")
 
@@ -39,12 +34,8 @@ class PDrop:
     def lam(self) -> float:
         return self.ratio if self.ratio is not None else self.keep ** (1 / len(self.stages))
 
-    def stage_layers(self, n_layers: int) -> tuple[int, ...]:
-        layers = sorted({min(n_layers - 1, max(1, round(f * n_layers))) for f in self.stages})
-        return tuple(layers)
-
     def decide(self, pm, prep):
-        return Plan(), [_Stages(self.stage_layers(pm.n_layers), self.lam)]
+        return Plan(), [_Stages(stage_layers(self.stages, pm.n_layers), self.lam)]
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import torch
 
 from ...engine.plan import Plan
 from ...errors import VlmpruneError
-from ..base import check_keep, keep_count
+from ..base import check_stages, keep_count, stage_layers
 from ..registry import register_method
 
 
@@ -36,19 +36,12 @@ class SparseVLM:
     cluster_size: int = 4
 
     def __post_init__(self) -> None:
-        check_keep(self.keep)
-        if not isinstance(self.keep, float):
-            raise VlmpruneError("SparseVLM's keep is the final share of visual tokens: a ratio in (0, 1]")
-        if not self.stages or any(not 0 < f < 1 for f in self.stages) or list(self.stages) != sorted(set(self.stages)):
-            raise VlmpruneError(f"SparseVLM stages must be increasing fractions of depth in (0, 1), got {self.stages}")
+        check_stages("SparseVLM", self.keep, self.stages)
         if not 0 <= self.recycle <= 1 or self.cluster_size < 1:
             raise VlmpruneError("SparseVLM needs recycle in [0, 1] and cluster_size >= 1")
 
-    def stage_layers(self, n_layers: int) -> tuple[int, ...]:
-        return tuple(sorted({min(n_layers - 1, max(1, round(f * n_layers))) for f in self.stages}))
-
     def decide(self, pm, prep):
-        return Plan(), [_Stages(self.stage_layers(pm.n_layers), self)]
+        return Plan(), [_Stages(stage_layers(self.stages, pm.n_layers), self)]
 
 
 def rater_scores(probs: torch.Tensor, text_rows: torch.Tensor, visual_cols: torch.Tensor) -> torch.Tensor:
