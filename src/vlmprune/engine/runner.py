@@ -178,9 +178,10 @@ def prefill(
         hidden_in = state.hidden
         row_mask = mask if mask is None or rows is None else mask[rows]
         state.hidden = _run_layer(layer, hidden_in, rows, row_mask, rope, cache)
-        for observe in observers:
-            pick = (lambda t: t) if rows is None else (lambda t: t[rows])
-            observe(i, pick(hidden_in), pick(state.hidden), pick(state.valid))
+        if observers:
+            seen = (hidden_in, state.hidden, state.valid) if rows is None else (hidden_in[rows], state.hidden[rows], state.valid[rows])
+            for observe in observers:
+                observe(i, *seen)
         ran[:, i] = True if rows is None else torch.zeros(batch, dtype=torch.bool).index_fill(0, rows.cpu(), True)
         if rows is None:
             last_layer, last_input = i, hidden_in

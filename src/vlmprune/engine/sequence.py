@@ -83,7 +83,6 @@ class TokenState:
         source_index = self.source_index.gather(1, src).masked_fill(~valid, -1)
         return TokenState(hidden, positions, valid, visual_index, source_index)
 
-
     def _merged_hidden(self, merge: KeepRows) -> torch.Tensor:
         """Hidden states where each merge target holds the mean of the tokens assigned to it."""
         bsz, length, dim = self.hidden.shape

@@ -55,6 +55,18 @@ def check_layer(layer: int, n_layers: int, lowest: int = 0, what: str = "layer")
         raise VlmpruneError(f"{what}={layer} is out of range: this model's decoder layers are {lowest}..{n_layers - 1}")
 
 
+def check_keep_layers(keep_layers: int) -> None:
+    if isinstance(keep_layers, bool) or not isinstance(keep_layers, int) or keep_layers < 1:
+        raise VlmpruneError(f"keep_layers must be a layer count >= 1, got {keep_layers!r}")
+
+
+def skip_all_but(ranking: torch.Tensor, keep_layers: int, n_layers: int) -> list[int]:
+    """The layers to skip: the first ``n_layers - keep_layers`` of `ranking` (least wanted first), sorted."""
+    if keep_layers > n_layers:
+        raise VlmpruneError(f"keep_layers={keep_layers} but the model has {n_layers} decoder layers")
+    return sorted(ranking[: n_layers - keep_layers].tolist())
+
+
 def top_visual(view: StageView, scores: torch.Tensor, keep: float | int) -> list[torch.Tensor]:
     """Per sample, the `keep` budget of the currently present visual tokens with the highest scores.
 

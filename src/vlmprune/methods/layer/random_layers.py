@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ...engine.plan import Plan
-from ...errors import VlmpruneError
+from ..base import check_keep_layers, skip_all_but
 from ..registry import register_method
 
 
@@ -20,12 +20,8 @@ class RandomLayers:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.keep_layers, bool) or not isinstance(self.keep_layers, int) or self.keep_layers < 1:
-            raise VlmpruneError(f"keep_layers must be a layer count >= 1, got {self.keep_layers!r}")
+        check_keep_layers(self.keep_layers)
 
     def decide(self, pm, prep):
-        n = pm.n_layers
-        if self.keep_layers > n:
-            raise VlmpruneError(f"keep_layers={self.keep_layers} but the model has {n} decoder layers")
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-        return Plan(skip=sorted(order[: n - self.keep_layers].tolist())), []
+        order = torch.randperm(pm.n_layers, generator=torch.Generator().manual_seed(self.seed))
+        return Plan(skip=skip_all_but(order, self.keep_layers, pm.n_layers)), []

@@ -11,6 +11,7 @@ import torch
 from ...engine.plan import Plan
 from ...engine.runner import prefill
 from ...errors import VlmpruneError
+from ..base import check_keep_layers, skip_all_but
 from ..registry import register_method
 
 
@@ -48,8 +49,7 @@ class ShortGPT:
     scores: tuple[float, ...] | None = None  # Block Influence per layer, from `calibrate`
 
     def __post_init__(self) -> None:
-        if isinstance(self.keep_layers, bool) or not isinstance(self.keep_layers, int) or self.keep_layers < 1:
-            raise VlmpruneError(f"keep_layers must be a layer count >= 1, got {self.keep_layers!r}")
+        check_keep_layers(self.keep_layers)
 
     def calibrate(self, pm, batches: Iterable[dict]) -> "ShortGPT":
         return replace(self, scores=tuple(block_influence(pm, batches).tolist()))
@@ -59,10 +59,7 @@ class ShortGPT:
             raise VlmpruneError("ShortGPT needs calibration data first: method = method.calibrate(pm, batches)")
         if len(self.scores) != n_layers:
             raise VlmpruneError(f"ShortGPT was calibrated on a {len(self.scores)}-layer model; this one has {n_layers}")
-        if self.keep_layers > n_layers:
-            raise VlmpruneError(f"keep_layers={self.keep_layers} but the model has {n_layers} decoder layers")
-        order = torch.argsort(torch.tensor(self.scores), stable=True)
-        return sorted(order[: n_layers - self.keep_layers].tolist())
+        return skip_all_but(torch.argsort(torch.tensor(self.scores), stable=True), self.keep_layers, n_layers)
 
     def decide(self, pm, prep):
         return Plan(skip=self.skipped(pm.n_layers)), []

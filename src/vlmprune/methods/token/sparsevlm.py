@@ -77,7 +77,6 @@ class _Stages:
         rows = torch.where(real, order, order.gather(1, (counts - 1)[:, None]))
         probs = view.attention_rows(rows).mean(1)  # (B, R, L)
         lam = self.cfg.keep ** (1 / len(self.layers))
-        n_cols = int(state.visual_index.max()) + 1
         keeps, assigns = [], []
         for b in range(bsz):
             visual = state.visual_index[b] >= 0
@@ -85,11 +84,11 @@ class _Stages:
             present = state.visual_index[b][visual]  # visual indices, in sequence order
             s = scores[visual]
             keep, assign = _choose(s, present, state.hidden[b][visual], keep_count(float(lam), int(present.numel())), self.cfg)
-            full = torch.full((n_cols,), -1, dtype=torch.long)
+            full = torch.full((view.n_visual[b],), -1, dtype=torch.long)  # original numbering; absent -> -1
             full[present.cpu()] = assign.cpu()
             keeps.append(keep.cpu())
             assigns.append(full)
-        return Plan(keep={layer: keeps}, merge={layer: _pad_to_inputs(assigns, view)})
+        return Plan(keep={layer: keeps}, merge={layer: assigns})
 
 
 def _choose(scores, present, hidden, k: int, cfg: SparseVLM) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,13 +112,3 @@ def _choose(scores, present, hidden, k: int, cfg: SparseVLM) -> tuple[torch.Tens
     keep = torch.sort(present[torch.cat([kept_pos, centres])]).values
     return keep, assign
 
-
-def _pad_to_inputs(assigns: list[torch.Tensor], view) -> list[torch.Tensor]:
-    """Merge rows must have each sample's original visual-token count; absent tokens are -1."""
-    out = []
-    for b, row in enumerate(assigns):
-        n = view.n_visual[b]
-        full = torch.full((n,), -1, dtype=torch.long)
-        full[: min(n, row.numel())] = row[:n]
-        out.append(full)
-    return out
