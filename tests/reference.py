@@ -21,32 +21,41 @@ def _hf_inputs(family: str, ids: torch.Tensor, mask: torch.Tensor, vision: dict)
     return kw
 
 
-def masked_logits(model, family: str, ids, mask, vision, dropped: torch.Tensor, drop_from: int, skip=()):
-    """Logits ``[B, L, V]`` of the full model; `dropped [B, L]` tokens are hidden from layers >= drop_from."""
+def staged_forward(model, family: str, ids, mask, vision, drops: dict[int, torch.Tensor], skip=(), **kwargs):
+    """The unmodified model in which the tokens ``drops[K] [B, L]`` are masked out of attention from layer K on
+    (accumulating over stages) and the layers in `skip` are the identity. Masks are bool under sdpa and
+    additive under eager attention."""
     length = ids.shape[1]
-    valid = mask.bool()
     eye = torch.eye(length, dtype=torch.bool)
-    base = (torch.ones(length, length, dtype=torch.bool).tril() & valid[:, None, :]) | eye
-    pruned = (base & ~dropped[:, None, :]) | eye
-    layers = model.model.language_model.layers
+    base = (torch.ones(length, length, dtype=torch.bool).tril() & mask.bool()[:, None, :]) | eye
+    eager = model.config.get_text_config()._attn_implementation == "eager"
+    dropped = torch.zeros(ids.shape, dtype=torch.bool)
     handles = []
-    for i, layer in enumerate(layers):
-        allowed = (pruned if i >= drop_from else base)[:, None]
+    for i, layer in enumerate(model.model.language_model.layers):
+        if i in drops:
+            dropped = dropped | drops[i]
+        allowed = ((base & ~dropped[:, None, :]) | eye)[:, None]
+        layer_mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min) if eager else allowed
 
-        def set_mask(module, args, kwargs, allowed=allowed):
-            kwargs["attention_mask"] = allowed
-            return args, kwargs
+        def set_mask(module, args, kw, layer_mask=layer_mask):
+            kw["attention_mask"] = layer_mask
+            return args, kw
 
         handles.append(layer.register_forward_pre_hook(set_mask, with_kwargs=True))
         if i in skip:
-            identity = lambda module, args, kwargs, output: args[0] if args else kwargs["hidden_states"]
+            identity = lambda module, args, kw, output: args[0] if args else kw["hidden_states"]
             handles.append(layer.register_forward_hook(identity, with_kwargs=True))
     try:
         with torch.no_grad():
-            return model(**_hf_inputs(family, ids, mask, vision), use_cache=False).logits
+            return model(**_hf_inputs(family, ids, mask, vision), use_cache=False, **kwargs)
     finally:
         for h in handles:
             h.remove()
+
+
+def masked_logits(model, family: str, ids, mask, vision, dropped: torch.Tensor, drop_from: int, skip=()):
+    """Logits ``[B, L, V]`` of the full model; `dropped [B, L]` tokens are hidden from layers >= drop_from."""
+    return staged_forward(model, family, ids, mask, vision, {drop_from: dropped}, skip).logits
 
 
 def dropped_mask(batch: Batch, keep: list[torch.Tensor]) -> torch.Tensor:
@@ -81,26 +90,4 @@ def masked_attentions(eager_model, family: str, batch: Batch, dropped_from: dict
     """Eager attention maps of the full model in which the tokens `dropped_from[K]` ``[B, L]`` are masked out
     of attention from layer K on (masks accumulate over stages)."""
     ids, mask = batch.input_ids, batch.attention_mask
-    length = ids.shape[1]
-    valid = mask.bool()
-    eye = torch.eye(length, dtype=torch.bool)
-    allowed = (torch.ones(length, length, dtype=torch.bool).tril() & valid[:, None, :]) | eye
-    handles = []
-    dropped = torch.zeros_like(valid)
-    for i, layer in enumerate(eager_model.model.language_model.layers):
-        if i in dropped_from:
-            dropped = dropped | dropped_from[i]
-        layer_mask = ((allowed & ~dropped[:, None, :]) | eye)[:, None]
-        additive = torch.zeros(layer_mask.shape).masked_fill(~layer_mask, torch.finfo(torch.float32).min)
-
-        def set_mask(module, args, kwargs, additive=additive):
-            kwargs["attention_mask"] = additive
-            return args, kwargs
-
-        handles.append(layer.register_forward_pre_hook(set_mask, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            return eager_model(**_hf_inputs(family, ids, mask, batch.vision), output_attentions=True).attentions
-    finally:
-        for h in handles:
-            h.remove()
+    return staged_forward(eager_model, family, ids, mask, batch.vision, dropped_from, output_attentions=True).attentions

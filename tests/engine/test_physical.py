@@ -77,31 +77,15 @@ def test_kv_cache_holds_only_what_each_layer_saw(tiny_models, family):
 
 def test_multistage_equals_two_masks(tiny_models):
     """Two stages: the reference masks stage-1 drops from layer 2 and stage-2 drops from layer 4."""
-    from reference import dropped_mask
+    from reference import dropped_mask, staged_forward
 
     family = "llava"
     model = tiny_models(family)
     batch = make_batch(family, model, [3, 6, 1], [4, 2, 7], "left")
     keep1 = _keep(batch, 0.5)
     keep2 = [k[: k.numel() // 2] for k in keep1]
-    d1, d2 = dropped_mask(batch, keep1), dropped_mask(batch, keep2)
-    layers = model.model.language_model.layers
-    # masked reference with layer-dependent masks: run through hooks, two sets
-    valid = batch.attention_mask.bool()
-    length = valid.shape[1]
-    eye = torch.eye(length, dtype=torch.bool)
-    base = (torch.ones(length, length, dtype=torch.bool).tril() & valid[:, None, :]) | eye
-    masks = [base if i < 2 else ((base & ~(d1 if i < 4 else d2)[:, None, :]) | eye) for i in range(len(layers))]
-    handles = [
-        layer.register_forward_pre_hook(lambda m, a, k, mask=mask[:, None]: (a, {**k, "attention_mask": mask}), with_kwargs=True)
-        for layer, mask in zip(layers, masks)
-    ]
-    try:
-        with torch.no_grad():
-            ref = model(**batch.hf_kwargs(family)).logits[:, -1]
-    finally:
-        for h in handles:
-            h.remove()
+    drops = {2: dropped_mask(batch, keep1), 4: dropped_mask(batch, keep2)}
+    ref = staged_forward(model, family, batch.input_ids, batch.attention_mask, batch.vision, drops).logits[:, -1]
     out = vlmprune.wrap(model)(**batch.kwargs(), prune=vlmprune.Plan(keep={2: keep1, 4: keep2}), logits_to_keep=1)
     torch.testing.assert_close(out.last_logits, ref, atol=1e-4, rtol=0)
 

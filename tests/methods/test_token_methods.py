@@ -5,7 +5,7 @@ import torch
 
 import vlmprune
 from conftest import FAMILIES, IMAGE_TOKEN, make_batch
-from reference import masked_attentions
+from reference import dropped_mask, masked_attentions
 from vlmprune.engine.sequence import TokenState
 from vlmprune.methods.token.pool import pooled_groups
 
@@ -25,17 +25,6 @@ def _topk_from_maps(maps, layer, batch, present, keep):
         n = int(present[b].sum())
         k = max(1, min(n, round(keep * n)))
         out.append(scores.topk(k).indices.sort().values)
-    return out
-
-
-def _dropped(batch, keep_rows):
-    visual = batch.input_ids == IMAGE_TOKEN
-    out = torch.zeros_like(visual)
-    for b, row in enumerate(keep_rows):
-        pos = visual[b].nonzero().squeeze(1)
-        gone = torch.ones(pos.numel(), dtype=torch.bool)
-        gone[row] = False
-        out[b, pos[gone]] = True
     return out
 
 
@@ -63,7 +52,7 @@ def test_pdrop_stages_follow_masked_reference_attention(tiny_models, family):
         expected = _topk_from_maps(maps, layer - 1, batch, present, method.lam)
         assert [r.tolist() for r in out.stats.plan.keep[layer]] == [e.tolist() for e in expected], layer
         present = [torch.isin(torch.arange(n), e) for n, e in zip(batch.n_visual, expected)]
-        drops[layer] = _dropped(batch, expected)
+        drops[layer] = dropped_mask(batch, expected)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
