@@ -122,3 +122,47 @@ def test_training_conversations_are_correct_and_start_like_the_eval_prompt(recip
     labelled = batch["labels"][0][batch["labels"][0] >= 0].tolist()
     assert labelled == [vocab[a] for _, a in examples[0].turns] + [tokenizer.eos_token_id]
     assert len(batch["labels"][4][batch["labels"][4] >= 0]) == 18 + 1  # 9 cell names + 9 contents + </s>
+
+
+def test_inventory_lists_every_present_class_with_exactly_its_cells():
+    from vlmprune.testbed.train import INVENTORY, inventory
+
+    rng = np.random.default_rng(0)
+    for s in eval_set(60):
+        ((question, answer),) = inventory(s, rng).turns
+        assert question == INVENTORY
+        rebuilt, cls = [data.EMPTY] * len(data.CELLS), None
+        for w in answer.split():
+            if w in data.CLASSES:
+                assert cls is None or data.CLASSES.index(w) != cls
+                cls = data.CLASSES.index(w)
+            elif w != data.NOTHING:
+                rebuilt[data.CELLS.index(w)] = cls
+        assert tuple(rebuilt) == s.cells
+        assert answer.split().count(data.NOTHING) == (1 if all(c == data.EMPTY for c in s.cells) else 0)
+
+
+def test_word_alignment_loss_equals_a_per_token_loop():
+    from vlmprune.testbed.encode import cell_token_indices
+    from vlmprune.testbed.recipe import build_tokenizer
+    from vlmprune.testbed.train import TRAIN_WORDS, WordAlignment, token_cells
+
+    for cell in range(len(data.CELLS)):
+        assert torch.equal(torch.nonzero(token_cells() == cell).flatten(), cell_token_indices(cell).sort().values)
+    tokenizer = build_tokenizer(data.vocabulary() + TRAIN_WORDS)
+    vocab = tokenizer.get_vocab()
+    torch.manual_seed(0)
+    embed = torch.randn(len(vocab), 16)
+    features = torch.randn(2, 144, 16)
+    cells = torch.tensor([[0, 10, 3, 10, 9, 1, 2, 10, 5], [10] * 9])  # 10 = empty ("nothing")
+    loss = WordAlignment(tokenizer)(features, embed, cells)
+    class_words = [*data.CLASSES, data.NOTHING]
+    total = 0.0
+    for b in range(2):
+        for t in range(144):
+            f = torch.nn.functional.normalize(features[b, t], dim=0)
+            cell = (t // 12 // 4) * 3 + (t % 12) // 4
+            cos = lambda words: torch.stack([f @ torch.nn.functional.normalize(embed[vocab[w]], dim=0) for w in words])
+            total += -torch.log_softmax(10 * cos(class_words), 0)[cells[b, cell]]
+            total += -torch.log_softmax(10 * cos(data.CELLS), 0)[cell]
+    torch.testing.assert_close(loss, total / (2 * 144))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import VlmpruneError
-from .base import Adapter, DecoderLayout, PreparedInputs
+from .base import Adapter, DecoderLayout, PreparedInputs, VisionScores
 from .llava import LlavaAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
@@ -42,4 +42,4 @@ def adapter_for(model: nn.Module) -> Adapter:
     return ADAPTERS[model_type](model)
 
 
-__all__ = ["Adapter", "DecoderLayout", "PreparedInputs", "adapter_for", "register_adapter", "ADAPTERS"]
+__all__ = ["Adapter", "DecoderLayout", "PreparedInputs", "VisionScores", "adapter_for", "register_adapter", "ADAPTERS"]

@@ -9,7 +9,9 @@ cheap attention-score rows for a few queries. Visual tokens are found at run tim
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -34,6 +36,33 @@ class DecoderLayout:
         return len(self.layers)
 
 
+@dataclass(frozen=True)
+class VisionScores:
+    """What the vision tower saw of each visual token, for methods that decide before the LLM (VisionZip).
+
+    One tensor per sample, indexed like ``Plan.keep`` (the sample's ``input_ids == image_token_id``
+    positions, in order):
+
+    * ``dominance [n] float32``: how much the tower attends to the token. LLaVA / LLaVA-NeXT (CLIP):
+      the attention the CLS token pays to the token's patch in the layer that produces the features
+      ``vision_feature_layer`` selects, mean over heads. Qwen2-VL / Qwen2.5-VL (no CLS): the mean
+      attention the patch receives in the last vision block (over heads and every query of its
+      attention segment), averaged over the patches merged into the token.
+    * ``keys [n, d] float32``: that layer's keys for the token, mean over heads (Qwen: before the
+      rotary embedding, averaged over the merged patches).
+    * ``patch [n] bool``: False for tokens with no patch in the tower (LLaVA-NeXT's image-newline
+      tokens); their dominance and keys are 0.
+    """
+
+    dominance: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    patch: list[torch.Tensor]
+
+
+# per visual token of the whole batch, in order: (dominance [N], keys [N, d], patch [N] bool)
+VisionRecord = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
 @dataclass
 class PreparedInputs:
     """A batch ready for the decoder: embeddings, positions and which tokens are real or visual.
@@ -49,10 +78,34 @@ class PreparedInputs:
     attention_mask: torch.Tensor  # [B, L] bool, True = real token
     visual_mask: torch.Tensor  # [B, L] bool, True = visual token
     visual_grids: list | None = None  # per sample (rows, cols) of its visual tokens, or None if not one grid
+    # the vision pass's record of one tower layer's input; `vision_scores()` computes from it on demand
+    vision_record: VisionRecord | None = field(default=None, repr=False)
 
     @property
     def n_visual(self) -> list[int]:
         return self.visual_mask.sum(1).tolist()
+
+    def vision_scores(self) -> VisionScores:
+        """Per visual token, the vision tower's attention and keys (see `VisionScores`).
+
+        Computed when called, from the input of one tower layer that `prepare`'s vision pass recorded
+        (a reference, no copy): one q/k projection of that layer, no second vision pass, and the tower
+        keeps its attention implementation. Each call computes afresh.
+        """
+        counts = self.n_visual
+        if self.vision_record is None:
+            if sum(counts):
+                raise VlmpruneError(
+                    "these inputs carry no record of the vision pass; build them with the adapter's prepare"
+                )
+            empty = [torch.zeros(0) for _ in counts]
+            return VisionScores(empty, [torch.zeros(0, 0) for _ in counts], [e.bool() for e in empty])
+        dominance, keys, patch = self.vision_record()
+        if dominance.shape[0] != sum(counts):
+            raise VlmpruneError(
+                f"the vision record has {dominance.shape[0]} tokens but the prompt has {sum(counts)} image placeholders"
+            )
+        return VisionScores(list(dominance.split(counts)), list(keys.split(counts)), list(patch.split(counts)))
 
     @property
     def next_position(self) -> torch.Tensor:
@@ -125,6 +178,22 @@ class Adapter:
                 "build the prompt with the model's processor (it expands the image placeholder)"
             )
         return embeds.masked_scatter(visual_mask[..., None], features.to(embeds.dtype))
+
+    @staticmethod
+    @contextmanager
+    def _recording_input(module: nn.Module) -> Iterator[dict]:
+        """Record references to the positional and keyword inputs of `module`'s call inside the block
+        (``record["args"]``, ``record["kwargs"]``), by a forward pre-hook that is removed on exit."""
+        record: dict = {}
+
+        def hook(mod, args, kwargs):
+            record["args"], record["kwargs"] = args, dict(kwargs)
+
+        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield record
+        finally:
+            handle.remove()
 
     # ------------------------------------------------------------------ attention-score rows
     def attention_rows(

@@ -3,14 +3,26 @@
 Both expose ``model.model.get_image_features(...).pooler_output`` as one feature tensor per image;
 LLaVA-NeXT's already contains the anyres tiles and image-newline tokens, so its visual-token count
 varies per image. Positions are 1-D RoPE from the attention mask.
+
+Vision scores (`PreparedInputs.vision_scores`): the vision pass records the input of the CLIP layer
+that produces the features ``vision_feature_layer`` selects (for a list of layers, the last listed);
+on demand the CLS query row and all keys are projected from it. Per-patch values reach the visual-token
+order through the model's own layout (LLaVA-NeXT: ``pack_image_features``, tiles + unpadding +
+newlines), so nothing about the layout is re-implemented here.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from ..errors import VlmpruneError
 from .base import Adapter, PreparedInputs
+
+# vision towers whose first token is a CLS token that attends to every patch (config.vision_config.model_type)
+CLS_TOWERS = ("clip_vision_model",)
 
 
 class LlavaAdapter(Adapter):
@@ -26,7 +38,7 @@ class LlavaAdapter(Adapter):
         mask = self._check_ids(input_ids, attention_mask)
         visual = input_ids == self.image_token_id
         embeds = self.decoder.embed_tokens(input_ids)
-        features = None
+        features, record = None, None
         if pixel_values is not None:
             kwargs = {}
             if self.config.model_type == "llava_next":
@@ -34,13 +46,68 @@ class LlavaAdapter(Adapter):
                     raise VlmpruneError("LLaVA-NeXT needs image_sizes (the processor returns it with pixel_values)")
                 kwargs["image_sizes"] = image_sizes
             tower = self.model.model.vision_tower
-            out = self.model.model.get_image_features(
-                pixel_values=pixel_values.to(tower.dtype), return_dict=True, **kwargs
-            )
+            layer_idx, why_not = self._scored_layer()
+            recording = self._recording_input(tower.encoder.layers[layer_idx]) if why_not is None else nullcontext({})
+            with recording as seen:
+                out = self.model.model.get_image_features(
+                    pixel_values=pixel_values.to(tower.dtype), return_dict=True, **kwargs
+                )
             features = torch.cat(list(out.pooler_output), dim=0)
+            record = lambda: self._cls_scores(layer_idx, why_not, seen, image_sizes)
         embeds = self._scatter_visual(embeds, visual, features)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[None]  # (1, B, L)
-        return PreparedInputs(input_ids, embeds, positions, mask, visual, self._grids(visual))
+        return PreparedInputs(input_ids, embeds, positions, mask, visual, self._grids(visual), record)
+
+    # ------------------------------------------------------------------ vision scores
+    def _scored_layer(self) -> tuple[int, str | None]:
+        """The tower layer whose output is the hidden state ``vision_feature_layer`` selects (hidden
+        state 0 is the embeddings, hidden state i the output of layer i-1), or why there is none."""
+        tower_type = self.config.vision_config.model_type
+        if tower_type not in CLS_TOWERS:
+            return 0, f"vision scores need a CLS token; this model's vision tower ({tower_type}) has none"
+        selected = self.config.vision_feature_layer
+        selected = selected[-1] if isinstance(selected, (list, tuple)) else selected
+        hidden_idx = selected % (self.config.vision_config.num_hidden_layers + 1)
+        if hidden_idx == 0:
+            return 0, f"vision_feature_layer={selected} selects the patch embeddings, which no attention layer makes"
+        return hidden_idx - 1, None
+
+    @torch.no_grad()
+    def _cls_scores(self, layer_idx: int, why_not: str | None, seen: dict, image_sizes: torch.Tensor | None):
+        """(dominance [N], keys [N, d], patch [N]) over the batch's visual tokens, from the recorded
+        input ``[tiles, 1 + P, D]`` of CLIP layer `layer_idx`."""
+        if why_not is not None:
+            raise VlmpruneError(why_not)
+        hidden_in = seen["args"][0] if seen["args"] else seen["kwargs"]["hidden_states"]
+        layer = self.model.model.vision_tower.encoder.layers[layer_idx]
+        attn = layer.self_attn
+        x = layer.layer_norm1(hidden_in)
+        tiles, seq, _ = x.shape
+        # the CLS query row against every key, as the layer's attention computes them
+        q = attn.q_proj(x[:, :1]).view(tiles, 1, -1, attn.head_dim).transpose(1, 2).float()  # (T, H, 1, d)
+        k = attn.k_proj(x).view(tiles, seq, -1, attn.head_dim).transpose(1, 2).float()  # (T, H, S, d)
+        cls_row = torch.softmax(q @ k.transpose(2, 3) * attn.scale, dim=-1)  # (T, H, 1, S)
+        dominance = cls_row.mean(1)[:, 0]  # (T, S)
+        keys = k.mean(1)  # (T, S, d)
+        # channel 0 flags a real patch: the newline tokens the packing inserts get the zero vector
+        values = torch.cat([torch.ones_like(dominance)[..., None], dominance[..., None], keys], dim=-1)
+        if self.config.vision_feature_select_strategy == "default":  # "full" passes CLS on, scored by itself
+            values = values[:, 1:]
+        if self.config.model_type == "llava":
+            per_token = values.reshape(-1, values.shape[-1])
+        else:
+            n_tiles = [
+                image_size_to_num_patches(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+                for size in image_sizes
+            ]
+            packed, _ = self.model.model.pack_image_features(
+                list(values.split(n_tiles)),
+                image_sizes,
+                vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+                image_newline=values.new_zeros(values.shape[-1]),
+            )
+            per_token = torch.cat(packed, dim=0)
+        return per_token[:, 1], per_token[:, 2:], per_token[:, 0] > 0
 
     def _grids(self, visual: torch.Tensor) -> list:
         """LLaVA-1.5's visual tokens form one square grid per image; LLaVA-NeXT's tiles do not."""

@@ -2,14 +2,28 @@
 
 ``mm_token_type_ids`` (text 0, image 1, video 2) is always derived from ``input_ids`` here. Without it,
 transformers' Qwen2.5-VL silently falls back to 1-D positions; a given one must agree with input_ids.
+
+Vision scores (`PreparedInputs.vision_scores`): the tower has no CLS token, so a patch's dominance is
+the mean attention it *receives* in the last vision block (mean over heads and over every query of
+its attention segment: the image, or the window if that block is windowed). The vision pass records
+the block's input and its segments and rotary tables; on demand q and k are projected from it and the
+attention columns are summed in chunks of query rows. Keys are taken before the rotary embedding (so
+similarity compares content, not position). The ``spatial_merge_size**2`` patches merged into one
+LLM token (consecutive rows in the tower) give the token the mean of their scores and keys;
+Qwen2.5-VL's window order is undone with the tower's own window index.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
+from transformers.vision_utils import get_vision_window_index
 
 from ..errors import VlmpruneError
 from .base import Adapter, PreparedInputs
+
+SCORE_BLOCK = 2**24  # attention probabilities materialised at once when summing columns (64 MiB in float32)
 
 
 class Qwen2VLAdapter(Adapter):
@@ -41,12 +55,14 @@ class Qwen2VLAdapter(Adapter):
             )
         visual = types == 1
         embeds = self.decoder.embed_tokens(input_ids)
-        features = None
+        features, record = None, None
         if pixel_values is not None:
             if image_grid_thw is None:
                 raise VlmpruneError("Qwen2-VL needs image_grid_thw (the processor returns it with pixel_values)")
-            out = self.model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+            with self._recording_input(self.model.model.visual.blocks[-1]) as seen:
+                out = self.model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
             features = torch.cat(list(out.pooler_output), dim=0)
+            record = lambda: self._received_scores(seen, image_grid_thw)
         embeds = self._scatter_visual(embeds, visual, features)
         if image_grid_thw is not None:
             positions, _ = self.model.model.get_rope_index(
@@ -54,7 +70,45 @@ class Qwen2VLAdapter(Adapter):
             )
         else:
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1)
-        return PreparedInputs(input_ids, embeds, positions, mask, visual, self._grids(visual, image_grid_thw))
+        return PreparedInputs(input_ids, embeds, positions, mask, visual, self._grids(visual, image_grid_thw), record)
+
+    @torch.no_grad()
+    def _received_scores(self, seen: dict, image_grid_thw: torch.Tensor):
+        """(dominance [N], keys [N, d], patch [N]) over the batch's visual tokens, from the recorded
+        input ``[S, D]`` (S patches of all images) of the last vision block."""
+        visual = self.model.model.visual
+        block, attn = visual.blocks[-1], visual.blocks[-1].attn
+        hidden_in = seen["args"][0] if seen["args"] else seen["kwargs"]["hidden_states"]
+        cu_seqlens = seen["kwargs"]["cu_seqlens"].tolist()
+        cos, sin = seen["kwargs"]["position_embeddings"]
+        x = block.norm1(hidden_in)
+        n_patches = x.shape[0]
+        qkv = attn.qkv(x).view(n_patches, 3, attn.num_heads, attn.head_dim)  # (S, 3, H, d)
+        keys = qkv[:, 1].float().mean(1)  # (S, d) before the rotary embedding
+        # the family's own vision RoPE, from the attention module's source module
+        apply_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+        q, k = apply_rope(qkv[:, 0], qkv[:, 1], cos, sin)
+        q, k = q.float().transpose(0, 1), k.float().transpose(0, 1)  # (H, S, d)
+        received = torch.zeros(n_patches, device=q.device)
+        for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+            k_seg = k[:, start:end]  # (H, n, d)
+            chunk = max(1, SCORE_BLOCK // (attn.num_heads * (end - start)))  # query rows per block
+            for r0 in range(start, end, chunk):
+                r1 = min(end, r0 + chunk)
+                probs = torch.softmax(q[:, r0:r1] @ k_seg.transpose(1, 2) * attn.scaling, dim=-1)  # (H, r, n)
+                received[start:end] += probs.sum((0, 1))
+            received[start:end] /= attn.num_heads * (end - start)
+        unit = visual.spatial_merge_size**2  # consecutive patches merged into one LLM token
+        dominance = received.view(-1, unit).mean(1)
+        keys = keys.view(-1, unit, keys.shape[-1]).mean(1)
+        if self.config.model_type == "qwen2_5_vl":  # blocks run in window order; tokens leave in image order
+            vcfg = self.config.vision_config
+            window_index, _ = get_vision_window_index(
+                image_grid_thw, vcfg.spatial_merge_size, vcfg.window_size, vcfg.patch_size
+            )
+            order = torch.argsort(window_index.to(dominance.device))
+            dominance, keys = dominance[order], keys[order]
+        return dominance, keys, torch.ones_like(dominance, dtype=torch.bool)
 
     def _grids(self, visual: torch.Tensor, image_grid_thw: torch.Tensor | None) -> list:
         """One (rows, cols) grid per sample holding exactly one image (after the 2x2 patch merge)."""

@@ -43,7 +43,7 @@ def build_processor(tokenizer):
     )
 
 
-def build_model(tokenizer, seed: int = 0, layers: int = 8, hidden: int = 256):
+def build_model(tokenizer, seed: int = 0, layers: int = 8, hidden: int = 256, heads: int = 8):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -52,8 +52,8 @@ def build_model(tokenizer, seed: int = 0, layers: int = 8, hidden: int = 256):
         image_size=IMAGE_SIZE, patch_size=PATCH, num_channels=1, projection_dim=128,
     )
     text = LlamaConfig(
-        hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=len(tokenizer), max_position_embeddings=512,
+        hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=heads, vocab_size=len(tokenizer), max_position_embeddings=512,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )

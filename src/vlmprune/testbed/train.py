@@ -38,7 +38,8 @@ from .recipe import build_model, build_processor, build_tokenizer
 
 CELL_SIDE = data.ITEM_SIZE // 7  # patches per cell side (patch 7)
 DESCRIBE = "describe the image ?"  # "image" is not in the vocabulary: it encodes as <unk>, as the processor would
-TRAIN_WORDS = ["describe"]  # training-only words, added to the tokenizer after the task's vocabulary
+INVENTORY = "list the items ?"
+TRAIN_WORDS = ["describe", "list", "items"]  # training-only words, added to the tokenizer after the task's vocabulary
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,19 @@ def describe(sample: data.Sample, rng: np.random.Generator | None = None) -> Exa
     cells = sample.cells
     words = [w for i in order for w in (data.CELLS[i], data.CLASSES[cells[i]] if cells[i] != data.EMPTY else data.NOTHING)]
     return Example(sample.image, ((DESCRIBE, " ".join(words)),))
+
+
+def inventory(sample: data.Sample, rng: np.random.Generator) -> Example:
+    """The inventory task, the inverse of `describe`: each class present, in a random order, followed
+    by the names of the cells holding it ("bag top-left right coat center"); "nothing" for an empty
+    scene. It teaches finding the tokens of a class named in the text, which "exists", "count" and
+    "where" questions need."""
+    cells = sample.cells
+    present = sorted({c for c in cells if c != data.EMPTY})
+    words = []
+    for c in rng.permutation(present).tolist() if present else []:
+        words += [data.CLASSES[c]] + [data.CELLS[i] for i, x in enumerate(cells) if x == c]
+    return Example(sample.image, ((INVENTORY, " ".join(words) or data.NOTHING),))
 
 
 def more_questions(sample: data.Sample, rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
@@ -121,16 +135,17 @@ class TrainConfig:
     """steps x batch_size scenes; lr peaks after `warmup` steps, then decays (cosine) to lr * min_lr_ratio."""
 
     out: str
-    steps: int = 2400
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 8e-4
     min_lr_ratio: float = 0.05
     warmup: int = 100
     weight_decay: float = 0.01
     aux_weight: float = 1.0
-    describe: float = 0.25
-    shuffle_describe: bool = False  # describe the cells in a random order (see `describe`)
-    turns: int = 1  # questions per training image (the first is the generator's balanced one)
+    describe: float = 0.15
+    inventory: float = 0.15  # share of each batch on the inventory task (see `inventory`)
+    shuffle_describe: bool = True  # describe the cells in a random order (see `describe`)
+    turns: int = 4  # questions per training image (the first is the generator's balanced one)
     layers: int = 6
     hidden: int = 256
     seed: int = 0
@@ -151,6 +166,38 @@ def _lr(cfg: TrainConfig, step: int) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def token_cells() -> torch.Tensor:
+    """``[144]``: the grid cell (0..8) each visual token (row-major 12x12 patches) lies in."""
+    side = data.GRID * CELL_SIDE
+    t = torch.arange(side * side)
+    return (t // side // CELL_SIDE) * data.GRID + (t % side) // CELL_SIDE
+
+
+class WordAlignment(nn.Module):
+    """Auxiliary loss that aligns each projected visual token with word embeddings of the language
+    model: the cosine (times a learned scale) to the embedding of its cell's class word (or "nothing")
+    and to that of its cell's name are trained as two classifiers. Questions name classes and cells
+    with the same words, so the LM finds the tokens a question asks about by matching embeddings."""
+
+    def __init__(self, tokenizer) -> None:
+        super().__init__()
+        vocab = tokenizer.get_vocab()
+        self.register_buffer("class_ids", torch.tensor([vocab[w] for w in (*data.CLASSES, data.NOTHING)]), persistent=False)
+        self.register_buffer("cell_ids", torch.tensor([vocab[w] for w in data.CELLS]), persistent=False)
+        self.register_buffer("cell_of_token", token_cells(), persistent=False)
+        self.scale = nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, features: torch.Tensor, embed: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        f = nn.functional.normalize(features.float(), dim=-1)
+        e = nn.functional.normalize(embed.float(), dim=-1)
+        class_logits = self.scale * f @ e[self.class_ids].T  # [B, 144, 11]
+        cell_logits = self.scale * f @ e[self.cell_ids].T  # [B, 144, 9]
+        class_target = cells[:, self.cell_of_token]  # [B, 144]
+        cell_target = self.cell_of_token.expand_as(class_target)
+        ce = nn.functional.cross_entropy
+        return ce(class_logits.flatten(0, 1), class_target.flatten()) + ce(cell_logits.flatten(0, 1), cell_target.flatten())
 
 
 def cell_features(features: torch.Tensor) -> torch.Tensor:
@@ -226,7 +273,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     processor = build_processor(tokenizer)
     model = build_model(tokenizer, seed=cfg.seed, layers=cfg.layers, hidden=cfg.hidden).train()
     torch.manual_seed(cfg.seed)
-    aux = nn.Linear(model.config.text_config.hidden_size, len(data.CLASSES) + 1)
+    aux = WordAlignment(tokenizer)
     params = list(model.parameters()) + list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
     start, log, elapsed = 0, [], 0.0
@@ -261,10 +308,14 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     for step in bar:
         samples = data.generate(cfg.batch_size, "train", seed=cfg.seed * 1_000_003 + step, source=train_source)
         n_describe = round(cfg.describe * len(samples))
+        n_inventory = round(cfg.inventory * len(samples))
         rng = np.random.default_rng([cfg.seed, step])
-        examples = [describe(s, rng if cfg.shuffle_describe else None) for s in samples[:n_describe]] + [
-            Example(s.image, ((s.question, s.answer), *more_questions(s, rng, cfg.turns - 1))) for s in samples[n_describe:]
-        ]
+        examples = (
+            [describe(s, rng if cfg.shuffle_describe else None) for s in samples[:n_describe]]
+            + [inventory(s, rng) for s in samples[n_describe:n_describe + n_inventory]]
+            + [Example(s.image, ((s.question, s.answer), *more_questions(s, rng, cfg.turns - 1)))
+               for s in samples[n_describe + n_inventory:]]
+        )
         batch = encode_conversations(examples, tokenizer)
         cells = torch.tensor([s.cells for s in samples])
         cells = cells.masked_fill(cells < 0, len(data.CLASSES))  # empty -> the extra class
@@ -274,8 +325,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
             features = torch.stack(list(model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output))
             embeds = embed(batch["input_ids"]).masked_scatter((batch["input_ids"] == image_id)[..., None], features.to(embed.weight.dtype))
             answer_loss = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-            aux_logits = aux(cell_features(features))
-        aux_loss = nn.functional.cross_entropy(aux_logits.float().reshape(-1, aux_logits.shape[-1]), cells.reshape(-1))
+        aux_loss = aux(features, embed.weight, cells)
         loss = answer_loss.float() + cfg.aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

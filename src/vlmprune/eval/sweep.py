@@ -1,0 +1,413 @@
+"""Sweeps: every method at every budget (and the full model once) on FashionScenes, with the runs'
+accounting and latency, written to ``results.json``, ``table.md`` and ``pareto.png``.
+
+    from vlmprune.eval.sweep import sweep
+    res = sweep("testbed", ["fastv", "pdrop", "shortgpt"], [0.5, 0.25, 0.11], "runs/sweep", limit=500)
+    res.points[0]["accuracy"], res.points[0]["lm_tflops"]           # the full model comes first
+
+**Budgets.** One ``keep`` value in (0, 1] drives every method through the registry, by the budget
+field its config dataclass has: a token method (a ``keep`` field: fastv, pdrop, sparsevlm, visionzip,
+random, pool, ...) gets ``keep`` as its visual-token ratio; a layer method (a ``keep_layers`` field:
+shortgpt, random-layers) keeps ``max(1, round(keep * n_layers))`` decoder layers (halves round up).
+A method that needs calibration (a ``calibrate`` method: ShortGPT) is calibrated once per sweep, on
+`calib` FashionScenes *training* scenes (seed 12345; never the evaluation split) unless `calibration`
+samples are given, and that calibration serves every budget (Block Influence does not depend on it).
+
+**Resuming.** ``results.json`` is rewritten atomically (temporary file + rename) after every point, so
+an interrupted sweep never leaves a half-written file and a re-run resumes: a point whose key
+(method, keep, options, limit, model, data) is already there is reused, not recomputed. ``model`` is
+the name given plus a fingerprint (of ``config.json`` and the safetensors files' names, sizes and
+modification times for a directory; of the config and the parameters for a loaded model), so a
+retrained checkpoint at the same path is not mistaken for the old one. Points of other sweeps in the
+same file are kept; ``table.md`` and ``pareto.png`` show the points of this sweep only.
+
+Each point records `evaluate`'s `VQAResult` (accuracy, per question type, visual tokens, layers run,
+LM prefill TFLOPs per sample, batched prefill ms per sample), the FLOPs share of the full model's,
+the method's applied config, and -- with `latency` -- `measure_latency` on one fixed batch (the first
+`latency_batch` evaluation samples): time to first token, per-token decode, peak memory, KV bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from ..errors import VlmpruneError
+from ..files import write_json
+from ..pruned_model import PrunedModel
+from .latency import measure_latency
+from .vqa import evaluate
+
+FULL = "full"  # the unpruned model's point
+KEY_FIELDS = ("method", "keep", "options", "limit", "model", "data")
+CALIBRATION_SEED = 12345  # the CLI's calibration scenes (training split)
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SweepResult:
+    points: list[dict]  # this sweep's points, the full model first, then methods x keeps in the order given
+    computed: int  # points evaluated (or completed with latency) in this call
+    reused: int  # points taken from results.json as they were
+    results_json: Path
+    table_md: Path
+    pareto_png: Path
+
+
+@dataclass(frozen=True)
+class _Spec:
+    method: str
+    keep: float
+    options: dict  # the method's options besides its budget (seed, calibration source, ...)
+
+
+def sweep(
+    model: str | os.PathLike | PrunedModel,
+    methods: str | Sequence[str],
+    keeps: str | Sequence[float],
+    out_dir: str | os.PathLike,
+    limit: int | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+    latency: bool = True,
+    *,
+    samples: Sequence | None = None,
+    options: dict[str, Any] | None = None,
+    calib: int = 64,
+    calibration: Sequence | None = None,
+    latency_batch: int = 1,
+    latency_repeats: int = 5,
+    decode_tokens: int = 8,
+) -> SweepResult:
+    """Run (or resume) a sweep and write ``out_dir/{results.json, table.md, pareto.png}``.
+
+    `model`: a checkpoint directory, ``"testbed"``, or a loaded `PrunedModel` (loaded lazily: a sweep
+    whose points are all done does not load it). `methods`: registered names (list or comma-separated).
+    `keeps`: budgets in (0, 1] (list or comma-separated; see the module docstring for their meaning).
+    `samples`: FashionScenes samples to evaluate instead of the shipped evaluation set (`limit` still
+    takes the first N). `seed` goes to methods with a ``seed`` field; `options` (e.g. ``{"layer": 3}``)
+    to the methods whose config has that field. `calib` / `calibration`: calibration scenes (count of
+    training scenes, or the samples themselves) for methods that calibrate.
+    """
+    from ..methods import registry
+
+    names = _split(methods, "methods")
+    keep_values = _parse_keeps(keeps)
+    options = dict(options or {})
+    classes = {name: _method_class(registry, name) for name in names}
+    _check_options(options, classes)
+    if batch_size < 1 or latency_batch < 1:
+        raise VlmpruneError(f"batch sizes must be >= 1, got batch_size={batch_size}, latency_batch={latency_batch}")
+    _require_matplotlib()
+
+    samples, data_id = _samples(samples, limit)
+    model_id = _model_id(model)
+    calib_id = calib if calibration is None else "samples:" + _samples_digest(calibration)
+    specs = [_Spec(FULL, 1.0, {})]
+    for name in names:
+        accepted = {f.name for f in fields(classes[name]) if f.init}
+        mine = {k: v for k, v in {"seed": seed, **options}.items() if k in accepted}
+        if hasattr(classes[name], "calibrate"):
+            mine["calib"] = calib_id
+        specs += [_Spec(name, keep, mine) for keep in keep_values]
+
+    out = Path(out_dir)
+    results_path = out / "results.json"
+    store = _read_results(results_path)
+    runner = _Runner(model, samples, classes, calib, calibration, batch_size, latency_batch, latency_repeats, decode_tokens)
+    points, computed, reused = [], 0, 0
+    bar = tqdm(specs, desc="sweep", unit="point", disable=not progress)
+    for spec in bar:
+        bar.set_postfix_str(f"{spec.method} keep={spec.keep:g}")
+        base = dict(method=spec.method, keep=spec.keep, options=spec.options, limit=limit, model=model_id, data=data_id)
+        point = store.get(_key(base))
+        want_latency = latency and (point is None or point.get("latency") is None)
+        if point is not None and not want_latency:
+            reused += 1
+        else:
+            point = dict(point or base)
+            runner.complete(point, spec, want_latency, full=points[0] if points else None)
+            store[_key(point)] = point
+            write_json(results_path, {"version": FORMAT_VERSION, "points": list(store.values())})
+            computed += 1
+        points.append(point)
+    bar.close()
+
+    table_path = _write_text(out / "table.md", format_table(points, model_id, len(samples)))
+    plot_path = plot_pareto(points, out / "pareto.png", title=f"{model_id.split('@')[0]}: FashionScenes, {len(samples)} questions")
+    return SweepResult(points, computed, reused, results_path, table_path, plot_path)
+
+
+class _Runner:
+    """Loads the model, builds (and calibrates) methods and measures points, all on first need."""
+
+    def __init__(self, model, samples, classes, calib, calibration, batch_size, latency_batch, latency_repeats, decode_tokens):
+        self.model, self.samples, self.classes = model, samples, classes
+        self.calib, self.calibration = calib, calibration
+        self.batch_size, self.latency_batch = batch_size, latency_batch
+        self.latency_repeats, self.decode_tokens = latency_repeats, decode_tokens
+        self.calibrated: dict[str, Any] = {}
+        self._pm: PrunedModel | None = model if isinstance(model, PrunedModel) else None
+
+    @property
+    def pm(self) -> PrunedModel:
+        if self._pm is None:
+            from ..loading import load
+
+            self._pm = load(self.model)
+        return self._pm
+
+    def build(self, spec: _Spec):
+        """The method of `spec` at its budget (None for the full model)."""
+        from ..methods import registry
+
+        if spec.method == FULL:
+            return None
+        n_layers = self.pm.n_layers
+        budget = (
+            {"keep_layers": max(1, math.floor(spec.keep * n_layers + 0.5))}
+            if _is_layer_method(self.classes[spec.method])
+            else {"keep": spec.keep}
+        )
+        if spec.method in self.calibrated:  # one calibration serves every budget
+            return replace(self.calibrated[spec.method], **budget)
+        opts = {k: v for k, v in spec.options.items() if k != "calib"}
+        method = registry.build_method(spec.method, **opts, **budget)
+        if hasattr(method, "calibrate"):
+            method = method.calibrate(self.pm, self._calibration_batches())
+            self.calibrated[spec.method] = method
+        return method
+
+    def _calibration_batches(self) -> list[dict]:
+        from ..testbed import data
+        from ..testbed.encode import encode
+
+        scenes = self.calibration if self.calibration is not None else data.generate(self.calib, "train", seed=CALIBRATION_SEED)
+        scenes = list(scenes)
+        tokenizer = self.pm.processor.tokenizer
+        return [encode(scenes[i : i + 16], tokenizer) for i in range(0, len(scenes), 16)]
+
+    def complete(self, point: dict, spec: _Spec, want_latency: bool, full: dict | None) -> None:
+        """Fill in what `point` lacks: the evaluation (if not there yet) and the latency (if wanted)."""
+        method = self.build(spec)
+        pm = self.pm
+        if "accuracy" not in point:
+            start = time.perf_counter()
+            result = evaluate(pm, self.samples, prune=method, batch_size=self.batch_size, progress=False)
+            point.update(result.to_dict())
+            point["seconds"] = time.perf_counter() - start
+            point["config"] = _jsonable(asdict(method)) if is_dataclass(method) else None
+            point["n_layers"] = pm.n_layers
+            reference = point if full is None else full
+            point["flops_share"] = point["lm_tflops"] / reference["lm_tflops"]
+            point.setdefault("latency", None)
+        if want_latency:
+            from ..testbed.encode import encode
+
+            device = next(pm.model.parameters()).device
+            inputs = encode(self.samples[: self.latency_batch], pm.processor.tokenizer)
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            lat = measure_latency(pm, inputs, prune=method, decode_tokens=self.decode_tokens, repeats=self.latency_repeats)
+            point["latency"] = lat.to_dict()
+        point["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def format_table(points: Sequence[dict], model_id: str = "", n: int | None = None) -> str:
+    """A markdown table of sweep points: one row per point, in the order given."""
+    qtypes = sorted({q for p in points for q in p.get("per_type", {})})
+    head = ["method", "keep", "accuracy", *qtypes, "visual tokens", "layers", "TFLOPs", "FLOPs share", "prefill ms"]
+    lines = []
+    if model_id:
+        lines.append(f"FashionScenes accuracy of `{model_id}`" + (f" on {n} questions" if n else "") + ".\n")
+    lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for p in points:
+        lat = p.get("latency")
+        row = [
+            p["method"],
+            f"{p['keep']:g}",
+            f"{p['accuracy'] * 100:.1f}%",
+            *(f"{p['per_type'][q] * 100:.1f}%" if q in p.get("per_type", {}) else "" for q in qtypes),
+            f"{p['visual_tokens_kept']:.1f}",
+            f"{p['layers_run']:.2f}",
+            f"{p['lm_tflops']:.4g}",
+            f"{p['flops_share']:.3f}",
+            f"{lat['prefill_ms']:.1f}" if lat else "",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_pareto(points: Sequence[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Accuracy vs LM prefill TFLOPs: one line per method, the full model as a star and a reference line."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend, renders with Agg
+
+    fig = Figure(figsize=(7.5, 4.8))
+    ax = fig.add_subplot()
+    by_method: dict[str, list[dict]] = {}
+    for p in points:
+        if p["method"] != FULL:
+            by_method.setdefault(p["method"], []).append(p)
+    for method, pts in by_method.items():
+        pts = sorted(pts, key=lambda p: p["lm_tflops"])
+        x, y = [p["lm_tflops"] for p in pts], [p["accuracy"] * 100 for p in pts]
+        (line,) = ax.plot(x, y, marker="o", label=method)
+        for p, xi, yi in zip(pts, x, y):
+            ax.annotate(f"{p['keep']:g}", (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=6, color=line.get_color())
+    for p in points:
+        if p["method"] == FULL:
+            ax.axhline(p["accuracy"] * 100, color="black", linestyle=":", linewidth=1)
+            ax.plot([p["lm_tflops"]], [p["accuracy"] * 100], marker="*", markersize=14, color="black", linestyle="none", label="full model")
+    ax.set_xlabel("language-model prefill TFLOPs per sample")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=130)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def _key(point: dict) -> str:
+    return json.dumps({k: point[k] for k in KEY_FIELDS}, sort_keys=True)
+
+
+def _read_results(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    try:
+        stored = json.loads(path.read_text())
+        return {_key(p): p for p in stored["points"]}
+    except (ValueError, KeyError, TypeError) as err:
+        raise VlmpruneError(f"{path} is not a vlmprune sweep results file ({err}); move it away or pick another --out") from err
+
+
+def _split(text: str | Sequence[str], what: str) -> list[str]:
+    items = text.split(",") if isinstance(text, str) else list(text)
+    items = [str(i).strip() for i in items if str(i).strip()]
+    if not items:
+        raise VlmpruneError(f"give at least one of --{what}")
+    return list(dict.fromkeys(items))
+
+
+def _parse_keeps(keeps: str | Sequence[float]) -> list[float]:
+    out = []
+    for item in _split(keeps, "keep"):
+        try:
+            value = float(item)
+        except ValueError:
+            value = math.nan
+        if not 0 < value <= 1:
+            raise VlmpruneError(f"--keep takes ratios in (0, 1] (the visual-token share, or the layer share for layer methods), got {item!r}")
+        out.append(value)
+    return list(dict.fromkeys(out))
+
+
+def _method_class(registry, name: str) -> type:
+    if name not in registry.METHODS:
+        registry.build_method(name)  # raises the registry's error, which lists the known methods
+    return registry.METHODS[name]
+
+
+def _is_layer_method(cls: type) -> bool:
+    return any(f.name == "keep_layers" for f in fields(cls))
+
+
+def _check_options(options: dict, classes: dict[str, type]) -> None:
+    budget = {"keep", "keep_layers"} & set(options)
+    if budget:
+        raise VlmpruneError(f"the sweep sets each method's budget from `keeps`; do not pass {sorted(budget)} as options")
+    for name, cls in classes.items():
+        if not _is_layer_method(cls) and not any(f.name == "keep" for f in fields(cls)):
+            raise VlmpruneError(f"method {name!r} has neither a keep nor a keep_layers budget, so a sweep cannot vary it")
+    taken = {f.name for cls in classes.values() for f in fields(cls)}
+    unused = set(options) - taken
+    if unused:
+        raise VlmpruneError(f"option(s) {sorted(unused)} are not taken by any of {sorted(classes)}")
+
+
+def _require_matplotlib() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise VlmpruneError("the sweep draws pareto.png with matplotlib: pip install -e '.[plots]'")
+
+
+def _samples(samples: Sequence | None, limit: int | None) -> tuple[list, str]:
+    if samples is None:
+        from ..testbed import eval_set
+
+        return eval_set(limit), "fashionscenes-eval"
+    if limit is not None and limit < 1:
+        raise VlmpruneError(f"--limit must be >= 1, got {limit}")
+    chosen = list(samples)[:limit]
+    if not chosen:
+        raise VlmpruneError("the sweep got no samples to evaluate")
+    return chosen, "samples:" + _samples_digest(chosen)
+
+
+def _samples_digest(samples: Sequence) -> str:
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(f"{s.question}\0{s.answer}\0".encode())
+        h.update(s.image.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _model_id(model: str | os.PathLike | PrunedModel) -> str:
+    """``name@fingerprint``: the name given, and a digest of the weights it stands for."""
+    h = hashlib.sha256()
+    if isinstance(model, PrunedModel):
+        name = getattr(model.config, "_name_or_path", "") or type(model.model).__name__
+        h.update(model.config.to_json_string().encode())
+        for pname, tensor in model.model.state_dict().items():  # name, shape and leading values of each
+            head = tensor.detach().flatten()[:4096].float().cpu()
+            h.update(f"{pname}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            h.update(head.numpy().tobytes())
+        return f"{name}@{h.hexdigest()[:12]}"
+    name = str(model)
+    if name == "testbed":
+        from ..testbed import checkpoint_dir
+
+        path = checkpoint_dir()
+    else:
+        path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        return name  # a hub id: nothing local to fingerprint
+    h.update((path / "config.json").read_bytes())
+    for weights in sorted(path.glob("*.safetensors")):
+        st = weights.stat()
+        h.update(f"{weights.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return f"{name}@{h.hexdigest()[:12]}"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
