@@ -24,18 +24,47 @@ def _decision(args: argparse.Namespace, pm=None):
 
     if args.method and args.plan:
         raise VlmpruneError("give either --method or --plan, not both")
+    if getattr(args, "flops", None) is not None and not args.method:
+        raise VlmpruneError("--flops sets a method's budget; name the method with --method")
     if not args.method:
         return parse_plan(args.plan, args.skip)
     from .methods.registry import configure
 
-    method = configure(args.method, keep=_keep(args.keep), layer=args.layer, keep_layers=args.keep_layers, seed=args.seed)
+    options = dict(keep=_keep(args.keep), layer=args.layer, keep_layers=args.keep_layers, seed=args.seed)
+    flops = getattr(args, "flops", None)
+    if flops is not None:
+        options.update(_flops_placeholder(args))
+    method = configure(args.method, **options)
     if pm is None:
-        return method
+        return _at_flops(method, flops)
     methods = method if isinstance(method, list) else [method]
     methods = [m.calibrate(pm, _calibration_batches(pm, args.calib)) if hasattr(m, "calibrate") else m for m in methods]
+    methods = [_at_flops(m, flops) for m in methods]
     skip = parse_plan(None, args.skip)
     decisions = methods + ([skip] if skip else [])
     return decisions[0] if len(decisions) == 1 else decisions
+
+
+def _flops_placeholder(args: argparse.Namespace) -> dict:
+    """--flops picks the one method's budget: refuse a given budget, fill its field with a valid placeholder."""
+    from .methods.budget import PLACEHOLDERS, budget_field
+    from .methods.registry import METHODS
+
+    names = [n.strip() for n in args.method.split(",") if n.strip()]
+    if len(names) != 1:
+        raise VlmpruneError("--flops sets the budget of one method; give a single --method")
+    if args.keep is not None or args.keep_layers is not None:
+        raise VlmpruneError("--flops chooses the budget itself; leave out --keep / --keep-layers")
+    if names[0] not in METHODS:
+        return {}  # configure names the known methods
+    knob = budget_field(METHODS[names[0]])
+    return {knob: PLACEHOLDERS[knob]}
+
+
+def _at_flops(method, share: float | None):
+    from .methods.budget import AtFlops
+
+    return method if share is None else AtFlops(method, share)
 
 
 def _calibration_batches(pm, n: int) -> list[dict]:
@@ -56,6 +85,8 @@ def _add_decision_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", type=int, help="the decoder layer a token method acts at")
     parser.add_argument("--keep-layers", type=int, help="decoder layers a layer method keeps")
     parser.add_argument("--seed", type=int, help="seed for random methods")
+    parser.add_argument("--flops", type=float, help="run the method at this share in (0, 1] of the full LM prefill "
+                        "FLOPs: its --keep / --keep-layers is chosen per batch to come closest")
     parser.add_argument("--calib", type=int, default=64, help="calibration scenes for methods that need them (ShortGPT)")
 
 
@@ -69,6 +100,11 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     answer, result = generate_answer(pm, args.prompt, image, prune=_decision(args, pm), max_new_tokens=args.max_new_tokens)
     print(answer)
     print(result.stats.summary())
+    if args.flops is not None:
+        from .eval.flops import flops
+
+        achieved = flops(pm, result.stats, vision=False).batch_share
+        print(f"LM prefill FLOPs: {achieved:.3f} of the unpruned model's (target {args.flops:g})")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -100,6 +136,15 @@ def format_vqa(result) -> str:
     return "\n".join(lines)
 
 
+def _cmd_sweep(args: argparse.Namespace) -> None:
+    from .eval.sweep import sweep
+
+    res = sweep(args.model, args.methods, args.keep, args.out, limit=args.limit, batch_size=args.batch_size,
+                seed=args.seed, latency=not args.no_latency)
+    print(res.table_md.read_text(), end="")
+    print(f"{res.computed} point(s) computed, {res.reused} reused -> {res.results_json}, {res.table_md}, {res.pareto_png}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -113,8 +158,8 @@ def _cmd_testbed_train(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    options = dict(lr=args.lr, describe=args.describe, warmup=args.warmup, init_from=args.init_from, turns=args.turns,
-                   shuffle_describe=args.shuffle_describe or None)
+    options = dict(lr=args.lr, describe=args.describe, inventory=args.inventory, warmup=args.warmup,
+                   init_from=args.init_from, turns=args.turns)
     overrides = {k: v for k, v in options.items() if v is not None}
     record = train(
         TrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed, **overrides),
@@ -152,18 +197,30 @@ def build_parser() -> argparse.ArgumentParser:
     testbed_sub = testbed.add_subparsers(dest="testbed_command", required=True)
     tr = testbed_sub.add_parser("train", help="train from scratch (resumes from OUT/state if present)")
     tr.add_argument("--out", default="runs/testbed", help="output directory (model, state, training.json)")
-    tr.add_argument("--steps", type=int, default=2400)
+    tr.add_argument("--steps", type=int, default=2000)
     tr.add_argument("--batch-size", type=int, default=32)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     tr.add_argument("--lr", type=float, help="peak learning rate (default 8e-4)")
     tr.add_argument("--warmup", type=int, help="warm-up steps (default 100)")
-    tr.add_argument("--describe", type=float, help="share of each batch on the describe task (default 0.25)")
+    tr.add_argument("--describe", type=float, help="share of each batch on the describe task (default 0.15)")
+    tr.add_argument("--inventory", type=float, help="share of each batch on the inventory task (default 0.15)")
     tr.add_argument("--init-from", help="start from this trained model directory (a second stage)")
-    tr.add_argument("--turns", type=int, help="questions per training image (default 1)")
-    tr.add_argument("--shuffle-describe", action="store_true", help="describe cells in a random order")
+    tr.add_argument("--turns", type=int, help="questions per training image (default 4)")
     tr.add_argument("--stop-after", type=int, help="stop (saving the state) after this many steps")
     tr.set_defaults(func=_cmd_testbed_train)
+
+    sw = sub.add_parser("sweep", help="methods x budgets on FashionScenes: results.json, table.md, pareto.png (resumable)")
+    sw.add_argument("--model", default="testbed", help="checkpoint directory or 'testbed'")
+    sw.add_argument("--methods", required=True, help="comma-separated method names, e.g. fastv,pdrop,shortgpt")
+    sw.add_argument("--keep", required=True, help="comma-separated budgets in (0, 1]: visual-token share for token "
+                    "methods, decoder-layer share for layer methods, e.g. 0.5,0.25,0.11")
+    sw.add_argument("--out", required=True, help="output directory; a re-run with the same arguments reuses finished points")
+    sw.add_argument("--limit", type=int, help="evaluate the first N questions only")
+    sw.add_argument("--batch-size", type=int, default=32)
+    sw.add_argument("--seed", type=int, default=0, help="seed for random methods")
+    sw.add_argument("--no-latency", action="store_true", help="skip the latency and memory measurement")
+    sw.set_defaults(func=_cmd_sweep)
 
     demo = sub.add_parser("demo", help="run the main job on the embedded default and print a table")
     demo.add_argument("--seed", type=int, default=0)

@@ -42,12 +42,19 @@ class StageView:
     last_layer: int | None  # the last layer that ran for every sample in the current layout
     last_input: torch.Tensor | None  # that layer's input hidden states [B, L, D]
     n_visual: list[int] = field(default_factory=list)  # each sample's visual tokens in the prompt
+    score_rows: torch.Tensor | None = None  # [B, n_layers] counter of query rows scored per layer (RunStats)
 
     def attention_rows(self, query_index: torch.Tensor) -> torch.Tensor:
-        """``[B, H, R, L]`` attention probabilities of queries ``query_index [B, R]`` in the last layer run."""
+        """``[B, H, R, L]`` attention probabilities of queries ``query_index [B, R]`` in the last layer run.
+
+        Each sample's distinct query rows are counted in `score_rows` (repeated rows pad a ragged batch)."""
         if self.last_layer is None:
             raise VlmpruneError("no decoder layer ran before this stage, so there are no attention scores to use")
         rows = query_index.clamp(min=0)
+        if self.score_rows is not None:
+            ordered = rows.sort(1).values
+            distinct = (ordered.diff(dim=1) != 0).sum(1) + int(ordered.shape[1] > 0)
+            self.score_rows[:, self.last_layer] += distinct.cpu()
         hidden = self.last_input.gather(1, rows[..., None].expand(-1, -1, self.last_input.shape[-1]))
         positions = self.state.positions.gather(2, rows[None].expand(self.state.positions.shape[0], -1, -1))
         return self.adapter.attention_rows(
@@ -148,13 +155,14 @@ def prefill(
     tokens = torch.zeros(batch, n_layers, dtype=torch.long)
     visual = torch.zeros_like(tokens)
     ran = torch.zeros(batch, n_layers, dtype=torch.bool)
+    score_rows = torch.zeros_like(tokens)
     mask = rope = None
     last_layer, last_input = None, None
     dtype = state.hidden.dtype
 
     for i, layer in enumerate(dec.layers):
         if i in by_layer:
-            view = StageView(adapter, state, cache, last_layer, last_input, prep.n_visual)
+            view = StageView(adapter, state, cache, last_layer, last_input, prep.n_visual, score_rows)
             decision = by_layer[i].select(i, view)
             decided = decision if isinstance(decision, Plan) else Plan(keep={i: decision})
             decided.validate(n_layers, prep.n_visual)
@@ -197,7 +205,9 @@ def prefill(
     logits = dec.lm_head(dec.norm(hidden))
     last_logits = logits[:, -1] if logits_to_keep == 1 else logits[b, last]
     applied = Plan(keep=stages, skip=plan.skip, merge=merges)
-    stats = RunStats(tokens, visual, ran, cache.entries(), applied, cache.nbytes())
+    head_rows = torch.ones(batch, dtype=torch.long) if logits_to_keep == 1 else state.token_counts().cpu()
+    input_visual = (prep.visual_mask & prep.attention_mask).sum(1).cpu()
+    stats = RunStats(tokens, visual, ran, cache.entries(), applied, cache.nbytes(), input_visual, head_rows, score_rows)
     return PrefillResult(logits, token_index, last_logits, cache, prep.next_position, stats)
 
 

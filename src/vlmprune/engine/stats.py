@@ -17,6 +17,10 @@ class RunStats:
     layer there processes if it runs. ``layers_run``: whether the layer ran for the sample.
     ``kv_entries``: real tokens in that layer's KV cache (0 for a layer that did not run).
     ``plan``: the decision that was applied (in-model policies' choices included), enough to price it.
+    ``input_visual`` ``[B]``: visual tokens in the prompt (before any drop). ``head_rows`` ``[B]``: rows
+    that reached the LM head. ``score_rows`` ``[B, n_layers]``: query rows whose attention scores
+    in-model policies read from that layer (one q projection of the row against the layer's
+    ``tokens`` keys each); the accountant (`vlmprune.flops`) prices these.
     """
 
     tokens: torch.Tensor
@@ -25,6 +29,9 @@ class RunStats:
     kv_entries: torch.Tensor
     plan: Plan
     kv_bytes: int = 0
+    input_visual: torch.Tensor | None = None
+    head_rows: torch.Tensor | None = None
+    score_rows: torch.Tensor | None = None
 
     def summary(self, sample: int = 0) -> str:
         run = self.layers_run[sample]

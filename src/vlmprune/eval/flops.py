@@ -1,37 +1,89 @@
-"""Analytic FLOPs of a language-model prefill, priced from what the engine actually ran.
+"""The accountant: analytic FLOPs of a prefill, priced from what actually ran (`RunStats`) or from a plan.
 
-Per decoder layer that runs over ``n`` tokens (hidden ``d``, ``H`` query heads and ``Hkv`` key/value
-heads of size ``hd``, SwiGLU width ``m``), counted as multiply-adds (MACs):
+Everything is counted as multiply-adds (MACs) of the matrix products; FLOPs = 2 x MACs, the convention
+of `torch.utils.flop_counter.FlopCounterMode`, which these figures match within 3% on tiny models of
+every family, pruned and unpruned (tests/eval/test_flops.py). Norms, activations, softmax, rotary
+embeddings and residual adds are left out.
+
+Language model, per decoder layer that runs over ``n`` tokens (hidden ``d``, ``H`` query and ``Hkv``
+key/value heads of size ``hd``, SwiGLU width ``m``)::
 
     q, o projections      2 * n * d * H*hd
-    k, v projections      2 * n * d * Hkv*hd
-    scores  q k^T         n * n * H*hd        (the full n x n block, as sdpa and FlopCounterMode count it)
+    k, v projections      2 * n * d * Hkv*hd      (grouped-query attention: Hkv <= H)
+    scores  q k^T         n * n * H*hd            (the full n x n block, as sdpa and eager compute it)
     values  p v           n * n * H*hd
     SwiGLU MLP            3 * n * d * m
 
-plus the LM head for the rows that reach it. FLOPs = 2 * MACs (the convention of
-`torch.utils.flop_counter.FlopCounterMode`). Norms, RoPE, softmax and residual adds are left out.
+LM head: ``rows * d * vocab`` for the rows that reach it. Scoring overhead of in-model methods (FastV,
+PDrop, SparseVLM read attention rows of layer i from its cache): per query row one q projection
+``d * H*hd`` plus one row of scores ``keys * H*hd`` against the layer's keys.
+
+Vision tower, as transformers runs it (every layer, whatever ``vision_feature_layer`` selects)::
+
+    CLIP (LLaVA-1.5, LLaVA-NeXT), per tile of P patches + CLS = N tokens, width c, MLP width mc:
+        patch conv  P * (C*p*p) * c;  per layer  4*N*c^2 + 2*N^2*c + 2*N*c*mc
+    Qwen2-VL, per image of t x h x w patches (P = t*h*w), width c:
+        patch conv  P * (C*tp*p*p) * c;  per block  4*P*c^2 + 2*c*t*(h*w)^2 + 2*P*c*(c*mlp_ratio)
+        (attention within each frame)
+    Qwen2.5-VL: SwiGLU MLP 3*P*c*m, and outside ``fullatt_block_indexes`` attention within each
+        window (``window_size`` pixels square; edge windows are smaller): 2*c*sum(window^2)
+
+Projector: LLaVA's linear-act-linear over each tile's selected features (``c*k -> d -> d``, k feature
+layers); Qwen's merger over ``P / merge^2`` rows (``c*merge^2 -> c*merge^2 -> d``).
+
+Papers' convention (FastV, Chen et al. 2024, arXiv:2403.06764): a decoder layer over ``n``
+tokens costs ``4*n*d^2 + 2*n^2*d + 2*n*d*m`` "FLOPs", summed over the layers run; reported as
+``lm_tflops_fastv`` beside the exact counts. It is the multiply-add count of a layer with full
+multi-head attention and a two-matrix MLP: about half of 2 x MACs, and not exact for GQA or SwiGLU.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
 import torch
 
+from ..engine.plan import Plan
 from ..engine.stats import RunStats
+from ..errors import VlmpruneError
+
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids")
 
 
-def layer_macs(text_config, n_tokens: torch.Tensor) -> torch.Tensor:
-    """MACs of one decoder layer run over ``n_tokens`` (any shape of integer counts)."""
+# ---------------------------------------------------------------------------------------- language model
+def _dims(text_config) -> tuple[int, int, int, int, int]:
+    """d, H, Hkv, hd, m of a decoder config."""
     d = text_config.hidden_size
     heads = text_config.num_attention_heads
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
     head_dim = getattr(text_config, "head_dim", None) or d // heads
-    m = text_config.intermediate_size
-    n = n_tokens.to(torch.float64)
+    return d, heads, kv_heads, head_dim, text_config.intermediate_size
+
+
+def layer_macs(text_config, n_tokens: torch.Tensor) -> torch.Tensor:
+    """MACs of one decoder layer run over ``n_tokens`` (any shape of integer counts)."""
+    d, heads, kv_heads, head_dim, m = _dims(text_config)
+    n = torch.as_tensor(n_tokens).to(torch.float64)
     proj = 2 * n * d * heads * head_dim + 2 * n * d * kv_heads * head_dim
     attn = 2 * n * n * heads * head_dim
     mlp = 3 * n * d * m
     return proj + attn + mlp
+
+
+def score_macs(text_config, rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """MACs of attention-score rows: one q projection per row and one row of scores against `keys` keys."""
+    d, heads, _, head_dim, _ = _dims(text_config)
+    rows, keys = torch.as_tensor(rows).to(torch.float64), torch.as_tensor(keys).to(torch.float64)
+    return rows * d * heads * head_dim + rows * keys * heads * head_dim
+
+
+def fastv_layer_flops(text_config, n_tokens: torch.Tensor) -> torch.Tensor:
+    """FastV's convention for one layer over n tokens: ``4*n*d^2 + 2*n^2*d + 2*n*d*m`` (arXiv:2403.06764)."""
+    d, m = text_config.hidden_size, text_config.intermediate_size
+    n = torch.as_tensor(n_tokens).to(torch.float64)
+    return 4 * n * d**2 + 2 * n**2 * d + 2 * n * d * m
 
 
 def prefill_flops(text_config, stats: RunStats, head_rows: int | torch.Tensor = 1) -> torch.Tensor:
@@ -39,3 +91,367 @@ def prefill_flops(text_config, stats: RunStats, head_rows: int | torch.Tensor = 
     per_layer = layer_macs(text_config, stats.tokens) * stats.layers_run
     head = torch.as_tensor(head_rows, dtype=torch.float64) * text_config.hidden_size * text_config.vocab_size
     return 2 * (per_layer.sum(1) + head)
+
+
+@dataclass
+class LMCounts:
+    """The language model's work as counts, per sample (``[B]``) and decoder layer (``[B, n_layers]``):
+    real tokens at each depth, whether the layer ran, query rows scored from it, the prompt's text and
+    visual tokens and the LM-head rows. What `RunStats` records, or what a plan or a method's schedule
+    implies."""
+
+    tokens: torch.Tensor
+    layers_run: torch.Tensor
+    score_rows: torch.Tensor
+    input_text: torch.Tensor
+    input_visual: torch.Tensor
+    head_rows: torch.Tensor
+
+    @property
+    def input_tokens(self) -> torch.Tensor:
+        return self.input_text + self.input_visual
+
+    @classmethod
+    def from_stats(cls, stats: RunStats) -> "LMCounts":
+        text = stats.tokens[:, 0] - stats.visual_tokens[:, 0]
+        input_visual = stats.input_visual
+        if input_visual is None:
+            if 0 in stats.plan.keep:
+                raise VlmpruneError("these stats do not record the prompt's visual tokens; price the run's own stats")
+            input_visual = stats.visual_tokens[:, 0]
+        rows = stats.score_rows if stats.score_rows is not None else torch.zeros_like(stats.tokens)
+        head = stats.head_rows if stats.head_rows is not None else torch.ones_like(text)
+        return cls(stats.tokens, stats.layers_run, rows, text, input_visual, head)
+
+    @classmethod
+    def from_schedule(
+        cls,
+        n_text: Sequence[int],
+        n_visual: Sequence[int],
+        n_layers: int,
+        keep: Sequence[Mapping[int, int]],
+        skip: Sequence[Sequence[int]] = (),
+        score_rows: Sequence[Mapping[int, int]] = (),
+        head_rows: int | Sequence[int] = 1,
+    ) -> "LMCounts":
+        """Counts from, per sample, the visual tokens present from each stage layer on (`keep`), the
+        skipped layers and the query rows scored per layer."""
+        batch = len(n_text)
+        tokens = torch.zeros(batch, n_layers, dtype=torch.long)
+        run = torch.ones(batch, n_layers, dtype=torch.bool)
+        rows = torch.zeros(batch, n_layers, dtype=torch.long)
+        for b in range(batch):
+            present = n_visual[b]
+            for layer in range(n_layers):
+                present = keep[b].get(layer, present)
+                tokens[b, layer] = n_text[b] + present
+            for layer in skip[b] if skip else ():
+                run[b, layer] = False
+            for layer, r in (score_rows[b] if score_rows else {}).items():
+                rows[b, layer] += r
+        text, visual = torch.as_tensor(n_text, dtype=torch.long), torch.as_tensor(n_visual, dtype=torch.long)
+        head = torch.as_tensor(head_rows, dtype=torch.long).expand(batch).clone()
+        return cls(tokens, run, rows, text, visual, head)
+
+    @classmethod
+    def from_plan(cls, plan: Plan, n_text: Sequence[int], n_visual: Sequence[int], n_layers: int, head_rows=1) -> "LMCounts":
+        plan.validate(n_layers, list(n_visual))
+        batch = len(n_text)
+        keep = [{layer: int(rows[b].numel()) for layer, rows in plan.keep.items()} for b in range(batch)]
+        return cls.from_schedule(n_text, n_visual, n_layers, keep, plan.skip_sets(batch), head_rows=head_rows)
+
+    def macs(self, text_config) -> dict[str, torch.Tensor]:
+        """``[B]`` MACs: decoder layers run, scoring overhead, LM head, and every layer over every prompt token."""
+        layers = (layer_macs(text_config, self.tokens) * self.layers_run).sum(1)
+        scoring = score_macs(text_config, self.score_rows, self.tokens).sum(1)
+        head = self.head_rows.to(torch.float64) * text_config.hidden_size * text_config.vocab_size
+        full = layer_macs(text_config, self.input_tokens) * self.tokens.shape[1]
+        return {"layers": layers, "scoring": scoring, "head": head, "full": full}
+
+    def fastv_flops(self, text_config) -> torch.Tensor:
+        return (fastv_layer_flops(text_config, self.tokens) * self.layers_run).sum(1)
+
+
+def lm_share(text_config, counts: LMCounts) -> float:
+    """The batch's LM prefill cost (layers run + scoring) as a share of every layer over every prompt token."""
+    macs = counts.macs(text_config)
+    return float((macs["layers"] + macs["scoring"]).sum() / macs["full"].sum())
+
+
+# ---------------------------------------------------------------------------------------- vision side
+def _clip_image(config) -> tuple[int, int, int]:
+    """(tokens per image fed to the LLM, tower MACs, projector MACs) of one CLIP tile / LLaVA-1.5 image."""
+    vc = config.vision_config
+    if vc.model_type != "clip_vision_model":
+        raise VlmpruneError(f"pricing a {vc.model_type} vision tower is not supported (supported: clip_vision_model)")
+    p, c, mc = vc.patch_size, vc.hidden_size, vc.intermediate_size
+    patches = (vc.image_size // p) ** 2
+    n = patches + 1  # + CLS
+    conv = patches * vc.num_channels * p * p * c
+    layer = 4 * n * c * c + 2 * n * n * c + 2 * n * c * mc
+    selected = patches + (config.vision_feature_select_strategy == "full")
+    n_feature_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
+    d = config.text_config.hidden_size
+    projector = selected * (c * n_feature_layers * d + d * d)
+    return selected, conv + vc.num_hidden_layers * layer, projector
+
+
+def _llava_images(config, n_visual, pixel_values, image_sizes, image_grid_thw) -> list[tuple[int, int, int]]:
+    tokens, tower, projector = _clip_image(config)
+    if any(n % tokens for n in n_visual):
+        raise VlmpruneError(f"LLaVA images give {tokens} visual tokens each; a sample has {n_visual} visual tokens")
+    n_images = sum(n_visual) // tokens
+    if pixel_values is not None and pixel_values.shape[0] != n_images:
+        raise VlmpruneError(f"pixel_values holds {pixel_values.shape[0]} images but the prompts have {n_images}")
+    return [(tokens, tower, projector)] * n_images
+
+
+def _llava_next_images(config, n_visual, pixel_values, image_sizes, image_grid_thw) -> list[tuple[int, int, int]]:
+    from transformers.models.llava_next.modeling_llava_next import (
+        get_anyres_image_grid_shape,
+        image_size_to_num_patches,
+        unpad_image,
+    )
+
+    if image_sizes is None:
+        if sum(n_visual) == 0:
+            return []
+        raise VlmpruneError("pricing LLaVA-NeXT's vision tower needs image_sizes (pass the inputs: flops(pm, stats, **inputs))")
+    per_tile, tower, projector = _clip_image(config)
+    vc = config.vision_config
+    side = vc.image_size // vc.patch_size
+    out = []
+    for size in torch.as_tensor(image_sizes).tolist():
+        tiles = image_size_to_num_patches(size, config.image_grid_pinpoints, vc.image_size)
+        if tiles > 1:  # base tile + the unpadded grid of the others, a newline token ending each row
+            rows, cols = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, vc.image_size)
+            grid = unpad_image(torch.empty(1, rows * side, cols * side, device="meta"), size)
+            tokens = per_tile + grid.shape[1] * (grid.shape[2] + 1)
+        else:
+            tokens = per_tile + 1
+        out.append((tokens, tiles * tower, tiles * projector))
+    return out
+
+
+def _window_sizes(vc, h: int, w: int) -> list[int]:
+    """Qwen2.5-VL: patches in each attention window of one frame (windows of ``window_size`` pixels
+    over the merged grid; edge windows hold what is left)."""
+    merge = vc.spatial_merge_size
+    size = vc.window_size // merge // vc.patch_size  # window side in merged tokens
+    gh, gw = h // merge, w // merge
+    rows = [min(size, gh - i) for i in range(0, gh, size)]
+    cols = [min(size, gw - j) for j in range(0, gw, size)]
+    return [r * c * merge * merge for r in rows for c in cols]
+
+
+def _qwen_images(config, n_visual, pixel_values, image_sizes, image_grid_thw) -> list[tuple[int, int, int]]:
+    if image_grid_thw is None:
+        if sum(n_visual) == 0:
+            return []
+        raise VlmpruneError(
+            f"pricing the {config.model_type} vision tower needs image_grid_thw (pass the inputs: flops(pm, stats, **inputs))"
+        )
+    vc = config.vision_config
+    qwen25 = config.model_type == "qwen2_5_vl"
+    c = vc.hidden_size if qwen25 else vc.embed_dim
+    merge = vc.spatial_merge_size
+    out_dim = vc.out_hidden_size if qwen25 else vc.hidden_size
+    out = []
+    for t, h, w in torch.as_tensor(image_grid_thw).tolist():
+        patches = t * h * w
+        conv = patches * vc.in_channels * vc.temporal_patch_size * vc.patch_size**2 * c
+        full_attn = 2 * c * t * (h * w) ** 2  # attention within each frame
+        if qwen25:
+            mlp = 3 * patches * c * vc.intermediate_size
+            window_attn = 2 * c * t * sum(s * s for s in _window_sizes(vc, h, w))
+            attn = [full_attn if i in vc.fullatt_block_indexes else window_attn for i in range(vc.depth)]
+        else:
+            mlp = 2 * patches * c * int(c * vc.mlp_ratio)
+            attn = [full_attn] * vc.depth
+        tower = conv + sum(4 * patches * c * c + a + mlp for a in attn)
+        merged, width = patches // merge**2, c * merge**2
+        out.append((merged, tower, merged * (width * width + width * out_dim)))
+    return out
+
+
+VISION_PRICERS = {"llava": _llava_images, "llava_next": _llava_next_images, "qwen2_vl": _qwen_images, "qwen2_5_vl": _qwen_images}
+
+
+def vision_macs(config, n_visual: Sequence[int], pixel_values=None, image_sizes=None, image_grid_thw=None):
+    """``[B]`` MACs of the vision tower and of the projector for each sample's images.
+
+    Images are assigned to samples in order, by the visual tokens each gives the LLM."""
+    images = VISION_PRICERS[config.model_type](config, list(n_visual), pixel_values, image_sizes, image_grid_thw)
+    tower = torch.zeros(len(n_visual), dtype=torch.float64)
+    projector = torch.zeros_like(tower)
+    it = iter(images)
+    for b, n in enumerate(n_visual):
+        taken = 0
+        while taken < n:
+            tokens, t_macs, p_macs = next(it, (None, 0, 0))
+            if tokens is None:
+                raise VlmpruneError(f"the image inputs run out before sample {b}'s {n} visual tokens")
+            taken += tokens
+            tower[b] += t_macs
+            projector[b] += p_macs
+        if taken != n:
+            raise VlmpruneError(f"the image inputs give sample {b} {taken} visual tokens but its prompt has {n}")
+    if next(it, None) is not None:
+        raise VlmpruneError("the image inputs hold more images than the prompts' image placeholders")
+    return tower, projector
+
+
+# ---------------------------------------------------------------------------------------- the report
+@dataclass
+class FlopsReport:
+    """FLOPs (= 2 x multiply-adds) of one prefill, per sample (``[B]`` float64 tensors).
+
+    ``vision_tower``, ``projector``: the image side (zero, with ``vision_priced=False``, when asked not
+    to price it). ``lm_prefill``: the decoder layers that ran over the tokens present at each depth.
+    ``lm_head``: the rows that reached the LM head. ``scoring``: the attention-score rows in-model
+    methods read (their q projections and score rows). ``lm_prefill_full``: every decoder layer over
+    every prompt token, the unpruned reference of ``share``. ``lm_tflops_fastv``: the decoder layers
+    run in FastV's convention (``4nd^2 + 2n^2d + 2ndm`` per layer), in TFLOPs.
+    """
+
+    vision_tower: torch.Tensor
+    projector: torch.Tensor
+    lm_prefill: torch.Tensor
+    lm_head: torch.Tensor
+    scoring: torch.Tensor
+    lm_prefill_full: torch.Tensor
+    lm_tflops_fastv: torch.Tensor
+    vision_priced: bool = True
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.vision_tower + self.projector + self.lm_prefill + self.lm_head + self.scoring
+
+    @property
+    def lm_tflops(self) -> torch.Tensor:
+        """Exact LM prefill TFLOPs (decoder layers), beside `lm_tflops_fastv`."""
+        return self.lm_prefill / 1e12
+
+    @property
+    def share(self) -> torch.Tensor:
+        """``[B]`` the LM prefill cost (layers run + scoring) as a share of the unpruned prefill."""
+        return (self.lm_prefill + self.scoring) / self.lm_prefill_full
+
+    @property
+    def batch_share(self) -> float:
+        """`share` over the whole batch: total cost / total unpruned cost."""
+        return float((self.lm_prefill + self.scoring).sum() / self.lm_prefill_full.sum())
+
+    PARTS = ("vision_tower", "projector", "lm_prefill", "lm_head", "scoring", "lm_prefill_full")
+
+    def macs(self) -> dict[str, torch.Tensor]:
+        """The exact multiply-add counts of each part, ``[B]``."""
+        return {name: getattr(self, name) / 2 for name in self.PARTS}
+
+    def to_dict(self) -> dict:
+        """Per-sample lists of FLOPs (JSON-ready)."""
+        out = {name: getattr(self, name).tolist() for name in self.PARTS}
+        out.update(total=self.total.tolist(), lm_tflops_fastv=self.lm_tflops_fastv.tolist(),
+                   share=self.share.tolist(), vision_priced=self.vision_priced)
+        return out
+
+    def summary(self, sample: int = 0) -> str:
+        g = lambda t: f"{float(t[sample]) / 1e9:.4g}"
+        vision = f"vision tower {g(self.vision_tower)}, projector {g(self.projector)}, " if self.vision_priced else ""
+        return (
+            f"GFLOPs: {vision}LM prefill {g(self.lm_prefill)} (FastV convention {float(self.lm_tflops_fastv[sample]) * 1e3:.4g}), "
+            f"scoring {g(self.scoring)}, LM head {g(self.lm_head)}, total {g(self.total)}; "
+            f"LM prefill share {float(self.share[sample]):.3f} of unpruned"
+        )
+
+
+def _config_of(model: Any):
+    config = getattr(model, "config", model)
+    if not hasattr(config, "get_text_config") or getattr(config, "model_type", None) not in FAMILIES:
+        raise VlmpruneError(
+            f"flops() takes a vlmprune.PrunedModel, a transformers VLM or its config of a supported family "
+            f"({', '.join(FAMILIES)}); got {type(model).__name__}"
+        )
+    return config
+
+
+def _per_sample(value, batch: int, name: str) -> list[int]:
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    values = [int(value)] * batch if isinstance(value, int) else [int(v) for v in value]
+    if len(values) != batch:
+        raise VlmpruneError(f"{name} has {len(values)} entries for a batch of {batch}")
+    return values
+
+
+def flops(
+    model: Any,
+    run: Any,
+    *,
+    n_text: int | Sequence[int] | None = None,
+    n_visual: int | Sequence[int] | None = None,
+    head_rows: int | Sequence[int] | None = None,
+    vision: bool = True,
+    **inputs: Any,
+) -> FlopsReport:
+    """Price a prefill analytically (see the module docstring for every formula).
+
+        out = pm(**inputs, prune=vlmprune.FastV(layer=2, keep=0.25))
+        report = vlmprune.flops(pm, out.stats, **inputs)   # report.total, report.share, report.lm_tflops_fastv
+
+    `model`: a `PrunedModel`, a transformers VLM or its config. `run`: the `RunStats` of a run (or a
+    result carrying ``.stats``) -- what actually ran, in-model choices and scoring included -- or a
+    `Plan`, priced for prompts of `n_text` text and `n_visual` visual tokens (ints or one per sample;
+    or pass ``input_ids`` / ``attention_mask``). `inputs`: the model inputs (``pixel_values``,
+    ``image_sizes``, ``image_grid_thw``), which the vision tower's cost depends on; LLaVA-1.5 needs
+    none (fixed-size images). ``vision=False`` prices the language model only. `head_rows`: LM-head
+    rows (default: what the run computed; 1 per sample for a plan).
+    """
+    unknown = set(inputs) - set(INPUT_KEYS)
+    if unknown:
+        raise VlmpruneError(f"flops() got unexpected inputs {sorted(unknown)}; it takes {', '.join(INPUT_KEYS)}")
+    config = _config_of(model)
+    text_config = config.get_text_config()
+    n_layers = text_config.num_hidden_layers
+    run = getattr(run, "stats", run)
+    if isinstance(run, RunStats):
+        if n_text is not None or n_visual is not None:
+            raise VlmpruneError("n_text / n_visual are read from the run's stats; give them only with a Plan")
+        counts = LMCounts.from_stats(run)
+        if head_rows is not None:
+            counts.head_rows = torch.as_tensor(_per_sample(head_rows, counts.tokens.shape[0], "head_rows"))
+    elif isinstance(run, Plan):
+        ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
+        if ids is not None:
+            real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+            visual = (ids == config.image_token_id) & real
+            n_visual, n_text = visual.sum(1).tolist(), (real & ~visual).sum(1).tolist()
+        if n_text is None or n_visual is None:
+            raise VlmpruneError("pricing a Plan needs the prompt: n_text and n_visual, or input_ids")
+        batch = next((len(v) for v in (n_text, n_visual) if not isinstance(v, int)), run.batch_size or 1)
+        counts = LMCounts.from_plan(
+            run, _per_sample(n_text, batch, "n_text"), _per_sample(n_visual, batch, "n_visual"), n_layers,
+            _per_sample(1 if head_rows is None else head_rows, batch, "head_rows"),
+        )
+    else:
+        raise VlmpruneError(f"flops() prices a run's RunStats or a Plan, got {type(run).__name__}")
+    if counts.tokens.shape[1] != n_layers:
+        raise VlmpruneError(f"the run has {counts.tokens.shape[1]} decoder layers but the model has {n_layers}")
+
+    lm = counts.macs(text_config)
+    tower = projector = torch.zeros_like(lm["layers"])
+    if vision:
+        tower, projector = vision_macs(
+            config, counts.input_visual.tolist(), inputs.get("pixel_values"), inputs.get("image_sizes"),
+            inputs.get("image_grid_thw"),
+        )
+    return FlopsReport(
+        vision_tower=2 * tower,
+        projector=2 * projector,
+        lm_prefill=2 * lm["layers"],
+        lm_head=2 * lm["head"],
+        scoring=2 * lm["scoring"],
+        lm_prefill_full=2 * lm["full"],
+        lm_tflops_fastv=counts.fastv_flops(text_config) / 1e12,
+        vision_priced=vision,
+    )

@@ -4,6 +4,7 @@ Every method is usable as ``prune=`` in ``pm(...)`` / ``pm.generate(...)``; a li
 """
 
 from .base import Compose
+from .budget import AtFlops
 from .layer.random_layers import RandomLayers
 from .layer.shortgpt import ShortGPT, block_influence
 from .registry import METHODS, build_method, register_method
@@ -12,5 +13,6 @@ from .token.pdrop import PDrop
 from .token.pool import Pool
 from .token.random import Random
 from .token.sparsevlm import SparseVLM
+from .token.visionzip import VisionZip
 
-__all__ = ["METHODS", "Compose", "FastV", "PDrop", "Pool", "Random", "RandomLayers", "ShortGPT", "SparseVLM", "block_influence", "build_method", "register_method"]
+__all__ = ["METHODS", "AtFlops", "Compose", "FastV", "PDrop", "Pool", "Random", "RandomLayers", "ShortGPT", "SparseVLM", "VisionZip", "block_influence", "build_method", "register_method"]

@@ -2,18 +2,42 @@
 
 A method is a frozen, validated dataclass with ``decide(pm, prep) -> (Plan, [LayerPolicy])``: a plan
 for what it decides before the LLM, and policies the engine calls for what it decides inside it.
+Methods that decide inside the LLM also give ``schedule(sample, n_layers) -> Schedule``: how many
+tokens they keep where, as counts, so a FLOPs budget (`methods.budget.AtFlops`) can price them
+without running the model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import torch
 
 from ..engine.plan import Plan
 from ..engine.runner import StageView
 from ..errors import VlmpruneError
+
+
+@dataclass(frozen=True)
+class SampleShape:
+    """One prompt as counts: what a method's `schedule` may depend on."""
+
+    n_text: int  # real text tokens
+    n_visual: int  # visual tokens
+    text_after: int  # text tokens after the first visual token (the queries that can see the image)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What a method will do to one sample, as counts (enough to price it, see `eval.flops`).
+
+    ``keep``: stage layer K -> visual tokens present from K on. ``score_rows``: layer -> attention-score
+    query rows read from that layer. ``skip``: layers not run."""
+
+    keep: Mapping[int, int] = field(default_factory=dict)
+    score_rows: Mapping[int, int] = field(default_factory=dict)
+    skip: frozenset[int] = frozenset()
 
 
 def check_keep(keep: float | int, what: str = "keep") -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ...engine.plan import Plan
 from ...errors import VlmpruneError
-from ..base import check_keep, check_layer, last_token_attention, top_visual
+from ..base import Schedule, check_keep, check_layer, keep_count, last_token_attention, top_visual
 from ..registry import register_method
 
 
@@ -34,6 +34,11 @@ class FastV:
     def decide(self, pm, prep):
         check_layer(self.layer, pm.n_layers, lowest=1)
         return Plan(), [self]
+
+    def schedule(self, sample, n_layers: int) -> Schedule:
+        """From layer K on, keep's count of the visual tokens; one query row scored in layer K-1."""
+        check_layer(self.layer, n_layers, lowest=1)
+        return Schedule(keep={self.layer: keep_count(self.keep, sample.n_visual)}, score_rows={self.layer - 1: 1})
 
     def select(self, layer, view):
         return top_visual(view, last_token_attention(view), self.keep)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...engine.plan import Plan
-from ..base import check_keep, check_stages, last_token_attention, stage_layers, top_visual
+from ..base import Schedule, check_keep, check_stages, keep_count, last_token_attention, stage_layers, top_visual
 from ..registry import register_method
 
 
@@ -36,6 +36,13 @@ class PDrop:
 
     def decide(self, pm, prep):
         return Plan(), [_Stages(stage_layers(self.stages, pm.n_layers), self.lam)]
+
+    def schedule(self, sample, n_layers: int) -> Schedule:
+        """At each stage a share lambda of the present tokens; one query row scored in the layer before."""
+        keep, present = {}, sample.n_visual
+        for layer in stage_layers(self.stages, n_layers):
+            keep[layer] = present = keep_count(float(self.lam), present)
+        return Schedule(keep=keep, score_rows={layer - 1: 1 for layer in keep})
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import torch
 
 from ...engine.plan import Plan
 from ...errors import VlmpruneError
-from ..base import check_stages, keep_count, stage_layers
+from ..base import Schedule, check_stages, keep_count, stage_layers
 from ..registry import register_method
 
 
@@ -42,6 +42,15 @@ class SparseVLM:
 
     def decide(self, pm, prep):
         return Plan(), [_Stages(stage_layers(self.stages, pm.n_layers), self)]
+
+    def schedule(self, sample, n_layers: int) -> Schedule:
+        """A share lambda of the present tokens per stage (merged centres take kept slots); the text
+        after the image is scored in the layer before each stage."""
+        layers = stage_layers(self.stages, n_layers)
+        lam, keep, present = self.keep ** (1 / len(layers)), {}, sample.n_visual
+        for layer in layers:
+            keep[layer] = present = keep_count(float(lam), present)
+        return Schedule(keep=keep, score_rows={layer - 1: sample.text_after for layer in layers})
 
 
 def rater_scores(probs: torch.Tensor, text_rows: torch.Tensor, visual_cols: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,148 @@
+"""FLOPs budgets: run a method at the budget whose priced FLOPs come closest to a share of the full model's.
+
+    pm(**inputs, prune=vlmprune.AtFlops(vlmprune.FastV(layer=2), share=0.5))
+    pm(**inputs, prune=vlmprune.AtFlops(vlmprune.ShortGPT(keep_layers=1).calibrate(pm, batches), share=0.5))
+
+The share is of the language model's prefill: the decoder layers run over the tokens present at each
+depth plus the method's attention-scoring overhead, over every layer run over every prompt token
+(`eval.flops`; the vision tower, projector and LM head are the same with and without a token or
+layer method, and left out). For each batch, the method's budget field (``keep`` for token methods,
+searched over ratios ``k / n_visual`` -- every token count --, ``keep_layers`` for layer methods, every
+layer count) is set to the candidate whose analytically priced share is closest to the target.
+
+Pricing a candidate never runs the model: a method that decides inside the LLM gives its token
+schedule as counts (``schedule(sample, n_layers)``, FastV / PDrop / SparseVLM); any other method's
+plan is decided (before the LLM, no decoder layer runs) and priced. The priced share grows with the
+budget (more tokens or layers never cost less), so a bisection over the candidates finds the closest
+one. The run's own accounting reports the share achieved: ``vlmprune.flops(pm, out.stats).share``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import VlmpruneError
+from ..eval.flops import LMCounts, lm_share
+from .base import SampleShape
+
+KNOBS = ("keep", "keep_layers")  # token budget, layer budget
+PLACEHOLDERS = {"keep": 1.0, "keep_layers": 1}  # a valid value to build a method whose budget AtFlops picks
+
+
+def budget_field(method_cls: type) -> str:
+    """The field a FLOPs budget searches on a method class: ``keep`` or ``keep_layers``."""
+    names = {f.name for f in dataclasses.fields(method_cls)} if dataclasses.is_dataclass(method_cls) else set()
+    found = [k for k in KNOBS if k in names]
+    if len(found) != 1:
+        raise VlmpruneError(
+            f"{method_cls.__name__} has {'both' if found else 'neither'} of the budget fields {KNOBS}; "
+            "name the one to search with AtFlops(..., knob=...)"
+        )
+    return found[0]
+
+
+def sample_shapes(prep) -> list[SampleShape]:
+    """Each sample's text tokens, visual tokens and text tokens after its first visual token."""
+    real, visual = prep.attention_mask, prep.visual_mask & prep.attention_mask
+    t = torch.arange(real.shape[1], device=real.device)
+    first = torch.where(visual, t, real.shape[1]).amin(1, keepdim=True)
+    after = (real & ~visual & (t > first)).sum(1)
+    text = (real & ~visual).sum(1)
+    return [SampleShape(int(a), int(b), int(c)) for a, b, c in zip(text, visual.sum(1), after)]
+
+
+def method_counts(method: Any, pm, prep) -> LMCounts:
+    """The language model's work under `method` for a prepared batch, as counts, without running the model."""
+    shapes = sample_shapes(prep)
+    n_text, n_visual = [s.n_text for s in shapes], [s.n_visual for s in shapes]
+    if hasattr(method, "schedule"):
+        plans = [method.schedule(s, pm.n_layers) for s in shapes]
+        return LMCounts.from_schedule(
+            n_text, n_visual, pm.n_layers, [p.keep for p in plans], [p.skip for p in plans], [p.score_rows for p in plans]
+        )
+    plan, policies = method.decide(pm, prep)
+    if policies:
+        raise VlmpruneError(
+            f"{type(method).__name__} decides inside the language model but has no schedule(sample, n_layers); "
+            "a FLOPs budget cannot price it without running the model (see methods/base.py: Schedule)"
+        )
+    return LMCounts.from_plan(plan, n_text, n_visual, pm.n_layers)
+
+
+@dataclass(frozen=True)
+class Budgeted:
+    """A budget resolved for one batch: the method at the chosen budget, its value and its priced share."""
+
+    method: Any
+    value: float | int
+    share: float
+
+
+@dataclass(frozen=True)
+class AtFlops:
+    """Run `method` at the budget whose priced share of the full LM prefill FLOPs is closest to `share`.
+
+    `method`: any token or layer method (its own budget value is replaced). `share`: the target, in
+    (0, 1]. `knob`: the field to search (default: ``keep`` or ``keep_layers``, whichever it has).
+    `resolve(pm, prep)` tells the chosen budget and its share without running anything.
+    """
+
+    method: Any
+    share: float
+    knob: str | None = None
+
+    def __post_init__(self) -> None:
+        share = self.share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise VlmpruneError(f"share={share!r} is outside (0, 1]: give the target share of the full model's FLOPs")
+        if isinstance(self.method, (list, tuple)) or not hasattr(self.method, "decide"):
+            raise VlmpruneError("AtFlops budgets one pruning method (e.g. vlmprune.FastV()); compose budgeted methods with a list")
+        if not dataclasses.is_dataclass(self.method):
+            raise VlmpruneError(f"AtFlops needs a dataclass method to set its budget; got {type(self.method).__name__}")
+        knob = self.knob or budget_field(type(self.method))
+        if knob not in {f.name for f in dataclasses.fields(self.method)}:
+            raise VlmpruneError(f"{type(self.method).__name__} has no field {knob!r} to search")
+        object.__setattr__(self, "knob", knob)
+
+    def candidates(self, pm, prep) -> list[float | int]:
+        """Budget values in increasing order: every layer count, or every token count as a ratio of each
+        sample's visual tokens."""
+        if self.knob == "keep_layers":
+            return list(range(1, pm.n_layers + 1))
+        counts = {n for n in prep.n_visual if n}
+        if not counts:
+            raise VlmpruneError("a token budget needs visual tokens; the batch has none")
+        return sorted({k / n for n in counts for k in range(1, n + 1)})
+
+    def price(self, pm, prep, value) -> float:
+        """The batch's priced LM prefill share with the budget set to `value` (the model does not run)."""
+        method = dataclasses.replace(self.method, **{self.knob: value})
+        return lm_share(pm.adapter.text_config, method_counts(method, pm, prep))
+
+    def resolve(self, pm, prep) -> Budgeted:
+        values = self.candidates(pm, prep)
+        memo: dict[int, float] = {}
+
+        def share(i: int) -> float:
+            if i not in memo:
+                memo[i] = self.price(pm, prep, values[i])
+            return memo[i]
+
+        if len(values) > 1 and share(0) == share(len(values) - 1):
+            raise VlmpruneError(f"{type(self.method).__name__}'s {self.knob} does not change its FLOPs here; nothing to search")
+        lo, hi = 0, len(values) - 1  # bisection: the first candidate whose share reaches the target
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if share(mid) < self.share else (lo, mid)
+        best = lo
+        if lo > 0 and abs(share(lo - 1) - self.share) <= abs(share(lo) - self.share):
+            best = lo - 1  # the cheaper one on a tie
+        value = values[best]
+        return Budgeted(dataclasses.replace(self.method, **{self.knob: value}), value, share(best))
+
+    def decide(self, pm, prep):
+        return self.resolve(pm, prep).method.decide(pm, prep)
