@@ -51,12 +51,15 @@ def run_testbed_demo(limit: int = 300, seed: int = 0) -> list[dict]:
 
 def _table(pm, samples, seed: int) -> list[dict]:
     from .eval.vqa import evaluate
+    from .methods import FastV, Pool, VisionZip
     from .testbed.decisions import nonempty_cells, random_keep
 
     n_layers = pm.n_layers
     settings = {
         "full model": None,
-        "random 50% visual tokens": random_keep(0.5, seed),
+        "FastV 25% visual tokens": FastV(layer=2, keep=0.25),
+        "VisionZip 25% visual tokens": VisionZip(keep=0.25),
+        "pool 25% visual tokens": Pool(keep=0.25),
         "random 25% visual tokens": random_keep(0.25, seed),
         "oracle: non-empty cells only": nonempty_cells,
         f"skip layers {n_layers - 2},{n_layers - 1}": Plan(skip=[n_layers - 2, n_layers - 1]),

@@ -219,7 +219,7 @@ def _load_optimizer(opt: torch.optim.Optimizer, params: list[nn.Parameter], tens
     for name, value in tensors.items():
         i, key = name.split(".", 1)
         p = params[int(i)]
-        opt.state[p][key] = value.reshape(()) if key == "step" else value
+        opt.state[p][key] = value.reshape(()) if key == "step" else value.reshape(p.shape)  # safetensors stores 0-d as [1]
 
 
 def _atomic_dir(final: Path, write) -> None:
