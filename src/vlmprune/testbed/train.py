@@ -1,13 +1,11 @@
 """`vlmprune testbed train`: train the testbed LLaVA from scratch on FashionScenes.
 
 Every step draws fresh training scenes (train split only) from ``(seed, step)``, so a resumed run sees
-exactly the data an uninterrupted one would. The loss is the answer's cross-entropy plus an auxiliary
-cell-classification loss: a linear head on each cell's mean-pooled projected visual tokens predicts
-the cell's class or "empty" (9 labels per scene speed up learning the vision tower from scratch; the
-head is not part of the saved model). A share `describe` of each batch asks "describe the image ?",
-answered with every cell's name followed by its content ("top-left bag top nothing ..."): like LLaVA's
-caption-alignment stage, these dense targets teach the language model to read the region a cell name
-points to before it can answer questions from it. bf16 autocast, AdamW with warm-up and cosine decay.
+exactly the data an uninterrupted one would. Each batch mixes questions (`turns` per image), the
+describe task and the inventory task (see `describe`, `inventory`). The loss is the answers'
+cross-entropy plus `WordAlignment`, which ties every projected visual token to the language model's
+embeddings of its cell's class word and cell name (a learned scale is its only parameter; it is not
+part of the saved model). bf16 autocast, AdamW with warm-up and cosine decay.
 
 State (model, aux head, optimizer: safetensors; step and log: JSON) is written atomically every
 `save_every` steps under ``OUT/state``; running the same command again resumes from it.
@@ -33,10 +31,9 @@ from tqdm.auto import tqdm
 from ..errors import VlmpruneError
 from ..files import write_json
 from . import data
-from .encode import N_VISUAL, pixel_values
+from .encode import N_VISUAL, cell_token_indices, pixel_values
 from .recipe import build_model, build_processor, build_tokenizer
 
-CELL_SIDE = data.ITEM_SIZE // 7  # patches per cell side (patch 7)
 DESCRIBE = "describe the image ?"  # "image" is not in the vocabulary: it encodes as <unk>, as the processor would
 INVENTORY = "list the items ?"
 TRAIN_WORDS = ["describe", "list", "items"]  # training-only words, added to the tokenizer after the task's vocabulary
@@ -169,10 +166,11 @@ def _lr(cfg: TrainConfig, step: int) -> float:
 
 
 def token_cells() -> torch.Tensor:
-    """``[144]``: the grid cell (0..8) each visual token (row-major 12x12 patches) lies in."""
-    side = data.GRID * CELL_SIDE
-    t = torch.arange(side * side)
-    return (t // side // CELL_SIDE) * data.GRID + (t % side) // CELL_SIDE
+    """``[144]``: the grid cell (0..8) each visual token lies in."""
+    cells = torch.empty(N_VISUAL, dtype=torch.long)
+    for cell in range(len(data.CELLS)):
+        cells[cell_token_indices(cell)] = cell
+    return cells
 
 
 class WordAlignment(nn.Module):
@@ -198,13 +196,6 @@ class WordAlignment(nn.Module):
         cell_target = self.cell_of_token.expand_as(class_target)
         ce = nn.functional.cross_entropy
         return ce(class_logits.flatten(0, 1), class_target.flatten()) + ce(cell_logits.flatten(0, 1), cell_target.flatten())
-
-
-def cell_features(features: torch.Tensor) -> torch.Tensor:
-    """``[B, 144, D]`` projected visual tokens -> ``[B, 9, D]`` mean per grid cell."""
-    b, _, d = features.shape
-    grid = features.view(b, data.GRID, CELL_SIDE, data.GRID, CELL_SIDE, d)  # (B, row, py, col, px, D)
-    return grid.mean(dim=(2, 4)).reshape(b, data.GRID * data.GRID, d)
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
