@@ -106,6 +106,11 @@ def test_a_method_in_generate_equals_its_applied_plan(tiny_models):
         (lambda: vlmprune.Random(keep=-3), "count must be >= 1"),
         (lambda: vlmprune.PDrop(stages=(0.5, 0.2)), "increasing fractions"),
         (lambda: vlmprune.build_method("fastvv"), "unknown pruning method 'fastvv'; known methods: .*fastv"),
+        (lambda: vlmprune.VisionZip(keep=1.5), r"keep=1.5 is outside \(0, 1\]"),
+        (lambda: vlmprune.VisionZip(keep=0.0), r"outside \(0, 1\]"),
+        (lambda: vlmprune.VisionZip(keep=-3), "count must be >= 1"),
+        (lambda: vlmprune.VisionZip(keep="all"), r"ratio in \(0, 1\] or a token count"),
+        (lambda: vlmprune.VisionZip(dominant_share=1.2), r"dominant_share=1.2 is outside \[0, 1\]"),
     ],
 )
 def test_bad_configs_name_the_valid_range(make, message):
@@ -113,13 +118,14 @@ def test_bad_configs_name_the_valid_range(make, message):
         make()
 
 
-def test_budgets_checked_against_the_input(tiny_models):
+@pytest.mark.parametrize("method, lowest_layer", [(vlmprune.FastV, 1), (vlmprune.VisionZip, 0)])
+def test_budgets_checked_against_the_input(tiny_models, method, lowest_layer):
     model, batch = _batch(tiny_models, "llava")
     pm = vlmprune.wrap(model)
     with pytest.raises(vlmprune.VlmpruneError, match="only 16; use a count <= 16"):
-        pm(**batch.kwargs(), prune=vlmprune.FastV(keep=40))
-    with pytest.raises(vlmprune.VlmpruneError, match=r"layer=9 is out of range.*1\.\.5"):
-        pm(**batch.kwargs(), prune=vlmprune.FastV(layer=9))
+        pm(**batch.kwargs(), prune=method(keep=40))
+    with pytest.raises(vlmprune.VlmpruneError, match=rf"layer=9 is out of range.*{lowest_layer}\.\.5"):
+        pm(**batch.kwargs(), prune=method(layer=9))
 
 
 def _sparsevlm_brute_force(maps, hidden, batch, layer, keep, recycle=0.3, cluster_size=4, n_stages=2):
