@@ -1,5 +1,14 @@
 """Weight pruning: allocation x local pruner x calibration data (see DESIGN.md). Local pruners so far."""
 
+from .allocation import (
+    allocate,
+    block_sizes,
+    first_order_scores,
+    owl_scores,
+    owl_sparsities,
+    uniform,
+    zeroth_order_scores,
+)
 from .local import (
     InputStats,
     Pattern,
@@ -15,11 +24,18 @@ from .local import (
 __all__ = [
     "InputStats",
     "Pattern",
+    "allocate",
     "apply_mask",
+    "block_sizes",
+    "first_order_scores",
     "magnitude_mask",
+    "owl_scores",
+    "owl_sparsities",
     "parse_nm",
     "prune_count",
     "select_keep",
     "sparsegpt_prune",
+    "uniform",
     "wanda_mask",
+    "zeroth_order_scores",
 ]
