@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from .errors import VlmpruneError
@@ -173,6 +174,22 @@ def _cmd_testbed_train(args: argparse.Namespace) -> None:
     print(f"model: {args.out}/model  record: {args.out}/training.json")
 
 
+def _cmd_prune_weights(args: argparse.Namespace) -> None:
+    from .weights import WeightPruneConfig, calibration_batches, load_for_pruning, prune_weights, save_pruned
+    from .weights.prune import check_out_dir
+
+    patterns = [p.strip() for p in args.patterns.split(",")] if args.patterns else None
+    config = WeightPruneConfig(args.method, args.local, args.sparsity, args.nm, args.order, args.granularity, args.cap,
+                               patterns, args.seed)
+    check_out_dir(args.out, args.overwrite)  # validate before the slow load, so bad input fails fast
+    model, processor = load_for_pruning(args.model)
+    batches = calibration_batches(model, processor, args.calib, seed=args.seed)
+    report = prune_weights(model, batches, **dataclasses.asdict(config))
+    out = save_pruned(model, processor, report, args.out, overwrite=args.overwrite)
+    print(report.summary())
+    print(f"pruned checkpoint: {out} (report: sparsity.json)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -221,6 +238,23 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--seed", type=int, default=0, help="seed for random methods")
     sw.add_argument("--no-latency", action="store_true", help="skip the latency and memory measurement")
     sw.set_defaults(func=_cmd_sweep)
+
+    pw = sub.add_parser("prune-weights", help="prune weights (allocation x local pruner) and save a transformers checkpoint")
+    pw.add_argument("--model", required=True, help="checkpoint directory (a supported VLM or a causal LM) or 'testbed'")
+    pw.add_argument("--method", default="uniform", help="sparsity allocation: uniform, owl or ecoflap")
+    pw.add_argument("--local", default="wanda", help="local pruner: wanda, sparsegpt or magnitude")
+    pw.add_argument("--sparsity", type=float, help="overall share of the pruned weights to zero, in [0, 1) (default 0.5)")
+    pw.add_argument("--nm", help="N:M pattern, e.g. 2:4 (keep N of every M; with --method uniform)")
+    pw.add_argument("--order", default="zeroth", help="ECoFLaP importance: zeroth (forward only) or first (backprop)")
+    pw.add_argument("--granularity", default="block", help="one sparsity per block (decoder layer) or per layer (linear)")
+    pw.add_argument("--cap", type=float, default=0.1, help="largest deviation of a unit's sparsity from the target")
+    pw.add_argument("--patterns", help="comma-separated module-name patterns of the linears to prune (default: all in blocks)")
+    pw.add_argument("--calib", type=int, default=64, help="calibration samples: FashionScenes training scenes for a VLM, "
+                    "128-token slices of CPython's pydoc topics for a causal LM")
+    pw.add_argument("--seed", type=int, default=0)
+    pw.add_argument("--out", required=True, help="output directory for the pruned checkpoint")
+    pw.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    pw.set_defaults(func=_cmd_prune_weights)
 
     demo = sub.add_parser("demo", help="run the main job on the embedded default and print a table")
     demo.add_argument("--seed", type=int, default=0)

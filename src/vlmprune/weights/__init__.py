@@ -1,4 +1,5 @@
-"""Weight pruning: allocation x local pruner x calibration data (see DESIGN.md). Local pruners so far."""
+"""Weight pruning: allocation x local pruner x calibration data (see DESIGN.md), and the pipeline
+(`prune_weights`, `save_pruned`) that calibrates block by block."""
 
 from .allocation import (
     allocate,
@@ -9,6 +10,8 @@ from .allocation import (
     uniform,
     zeroth_order_scores,
 )
+from .calib_data import calibration_batches, scene_batches, text_batches
+from .calibrate import BlockStep, blockwise, dense_input_norms, find_stacks, select_linears
 from .local import (
     InputStats,
     Pattern,
@@ -20,21 +23,36 @@ from .local import (
     sparsegpt_prune,
     wanda_mask,
 )
+from .prune import SparsityReport, WeightPruneConfig, calibration_loss, load_for_pruning, prune_weights, save_pruned
 
 __all__ = [
+    "BlockStep",
     "InputStats",
     "Pattern",
+    "SparsityReport",
+    "WeightPruneConfig",
     "allocate",
     "apply_mask",
     "block_sizes",
+    "blockwise",
+    "calibration_batches",
+    "calibration_loss",
+    "dense_input_norms",
+    "find_stacks",
     "first_order_scores",
+    "load_for_pruning",
     "magnitude_mask",
     "owl_scores",
     "owl_sparsities",
     "parse_nm",
     "prune_count",
+    "prune_weights",
+    "save_pruned",
+    "scene_batches",
+    "select_linears",
     "select_keep",
     "sparsegpt_prune",
+    "text_batches",
     "uniform",
     "wanda_mask",
     "zeroth_order_scores",
