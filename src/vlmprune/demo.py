@@ -44,7 +44,8 @@ def run_testbed_demo(limit: int = 300, seed: int = 0) -> list[dict]:
     example = samples[0]
     from PIL import Image
 
-    answer, _ = generate_answer(pm, data.prompt(example.question), Image.fromarray(example.image), max_new_tokens=3)
+    # answers are one word; the model was trained on multi-turn conversations, so it does not stop by itself
+    answer, _ = generate_answer(pm, data.prompt(example.question), Image.fromarray(example.image), max_new_tokens=1)
     print(f"example: '{example.question}' -> model: '{answer}' (truth: '{example.answer}')")
     return _table(pm, samples, seed)
 
