@@ -160,7 +160,7 @@ def _cmd_testbed_train(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     options = dict(lr=args.lr, describe=args.describe, inventory=args.inventory, warmup=args.warmup,
-                   init_from=args.init_from, turns=args.turns)
+                   init_from=args.init_from, turns=args.turns, drop_empty=args.drop_empty)
     overrides = {k: v for k, v in options.items() if v is not None}
     record = train(
         TrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed, **overrides),
@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--inventory", type=float, help="share of each batch on the inventory task (default 0.15)")
     tr.add_argument("--init-from", help="start from this trained model directory (a second stage)")
     tr.add_argument("--turns", type=int, help="questions per training image (default 4)")
+    tr.add_argument("--drop-empty", type=float, help="share of scenes trained without their empty cells' visual tokens (default 0)")
     tr.add_argument("--stop-after", type=int, help="stop (saving the state) after this many steps")
     tr.set_defaults(func=_cmd_testbed_train)
 

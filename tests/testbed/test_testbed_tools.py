@@ -163,3 +163,28 @@ def test_word_alignment_loss_equals_a_per_token_loop():
             total += -torch.log_softmax(10 * cos(class_words), 0)[cells[b, cell]]
             total += -torch.log_softmax(10 * cos(data.CELLS), 0)[cell]
     torch.testing.assert_close(loss, total / (2 * 144))
+
+
+def test_drop_empty_cells_removes_exactly_the_empty_cells_tokens():
+    from vlmprune.testbed.train import drop_empty_cells
+
+    torch.manual_seed(0)
+    n_text = 5
+    visual = torch.zeros(2, n_text + N_VISUAL + 3, dtype=torch.bool)
+    visual[:, n_text:n_text + N_VISUAL] = True
+    mask = torch.ones_like(visual, dtype=torch.long)
+    mask[1, -2:] = 0  # right padding
+    embeds = torch.randn(*visual.shape, 4)
+    labels = torch.full(visual.shape, -100)
+    labels[:, -3] = 7
+    cells = torch.tensor([[10, 3, 10, 0, 10, 1, 2, 10, 4], [10] * 9])  # 10: empty
+    out, out_mask, out_labels, positions = drop_empty_cells(embeds, mask, labels, visual, cells, torch.tensor([True, True]))
+    for b in range(2):
+        empty = {c for c in range(9) if cells[b, c] == 10}
+        dropped = {n_text + int(i) for c in empty for i in cell_token_indices(c)}
+        expected = [p for p in range(visual.shape[1]) if mask[b, p] and p not in dropped]  # a plain loop
+        n = len(expected)
+        assert positions[b, :n].tolist() == expected and out_mask[b, :n].all() and not out_mask[b, n:].any()
+        assert torch.equal(out[b, :n], embeds[b, expected]) and out_labels[b, :n].tolist() == labels[b, expected].tolist()
+    unchanged = drop_empty_cells(embeds, mask, labels, visual, cells, torch.tensor([False, False]))
+    assert torch.equal(unchanged[0][0], embeds[0]) and unchanged[3][0].tolist() == list(range(visual.shape[1]))

@@ -150,6 +150,7 @@ class TrainConfig:
     eval_every: int = 150
     eval_samples: int = 192
     init_from: str | None = None  # a model directory to start from (a second training stage)
+    drop_empty: float = 0.0  # share of scenes whose empty cells' visual tokens are removed (see `drop_empty_cells`)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -196,6 +197,34 @@ class WordAlignment(nn.Module):
         cell_target = self.cell_of_token.expand_as(class_target)
         ce = nn.functional.cross_entropy
         return ce(class_logits.flatten(0, 1), class_target.flatten()) + ce(cell_logits.flatten(0, 1), cell_target.flatten())
+
+
+def drop_empty_cells(
+    embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, visual: torch.Tensor, cells: torch.Tensor,
+    chosen: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Remove the visual tokens of the empty cells of the `chosen` ``[B]`` scenes, as a pruning method
+    would (the rest keep their positions); right-padded. ``visual [B, L]`` marks visual tokens, ``cells
+    [B, 9]`` the classes (empty = the extra class). Returns (embeds, attention mask, labels, position ids).
+    It teaches that a cell with no tokens holds nothing and to count cells, not a share of the image."""
+    empty_class = len(data.CLASSES)
+    cell_of_token = token_cells()
+    keeps = []
+    for b in range(embeds.shape[0]):
+        keep = mask[b].bool().clone()
+        if chosen[b]:
+            where = visual[b].nonzero().squeeze(1)  # the 144 visual positions, in token order
+            keep[where[cells[b, cell_of_token] == empty_class]] = False
+        keeps.append(keep.nonzero().squeeze(1))
+    length = max(k.numel() for k in keeps)
+    out_embeds = embeds.new_zeros(embeds.shape[0], length, embeds.shape[-1])
+    out_mask = torch.zeros(embeds.shape[0], length, dtype=mask.dtype)
+    out_labels = torch.full((embeds.shape[0], length), -100, dtype=labels.dtype)
+    positions = torch.zeros(embeds.shape[0], length, dtype=torch.long)
+    for b, keep in enumerate(keeps):
+        n = keep.numel()
+        out_embeds[b, :n], out_mask[b, :n], out_labels[b, :n], positions[b, :n] = embeds[b, keep], 1, labels[b, keep], keep
+    return out_embeds, out_mask, out_labels, positions
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -315,7 +344,12 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
         with torch.autocast("cpu", dtype=torch.bfloat16):
             features = torch.stack(list(model.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output))
             embeds = embed(batch["input_ids"]).masked_scatter((batch["input_ids"] == image_id)[..., None], features.to(embed.weight.dtype))
-            answer_loss = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+            mask, labels, positions = batch["attention_mask"], batch["labels"], None
+            if cfg.drop_empty:
+                chosen = torch.from_numpy(rng.random(len(samples)) < cfg.drop_empty)
+                embeds, mask, labels, positions = drop_empty_cells(
+                    embeds, mask, labels, batch["input_ids"] == image_id, cells, chosen)
+            answer_loss = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels).loss
         aux_loss = aux(features, embed.weight, cells)
         loss = answer_loss.float() + cfg.aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
