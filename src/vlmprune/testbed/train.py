@@ -2,7 +2,8 @@
 
 Every step draws fresh training scenes (train split only) from ``(seed, step)``, so a resumed run sees
 exactly the data an uninterrupted one would. Each batch mixes questions (`turns` per image), the
-describe task and the inventory task (see `describe`, `inventory`). The loss is the answers'
+describe task and the inventory task (see `describe`, `inventory`); with `drop_empty`, some
+scenes lose their empty cells' visual tokens (`drop_empty_cells`). The loss is the answers'
 cross-entropy plus `WordAlignment`, which ties every projected visual token to the language model's
 embeddings of its cell's class word and cell name (a learned scale is its only parameter; it is not
 part of the saved model). bf16 autocast, AdamW with warm-up and cosine decay.
@@ -157,6 +158,8 @@ class TrainConfig:
             raise VlmpruneError("steps and batch_size must be >= 1")
         if self.layers < 6:
             raise VlmpruneError("the testbed has at least 6 decoder layers")
+        if not 0 <= self.drop_empty <= 1:
+            raise VlmpruneError(f"--drop-empty {self.drop_empty} is outside [0, 1]: the share of scenes trained without their empty cells' tokens")
 
 
 def _lr(cfg: TrainConfig, step: int) -> float:
