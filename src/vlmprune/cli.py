@@ -71,10 +71,9 @@ def _at_flops(method, share: float | None):
 def _calibration_batches(pm, n: int) -> list[dict]:
     """Calibration inputs: FashionScenes training scenes (never the evaluation split)."""
     from .testbed import data
-    from .testbed.encode import encode
+    from .testbed.encode import encode_batches
 
-    samples = data.generate(n, "train", seed=12345)
-    return [encode(samples[i : i + 16], pm.processor.tokenizer) for i in range(0, n, 16)]
+    return encode_batches(data.generate(n, "train", seed=12345), pm.processor.tokenizer)
 
 
 def _add_decision_args(parser: argparse.ArgumentParser) -> None:

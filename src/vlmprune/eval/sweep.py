@@ -189,12 +189,10 @@ class _Runner:
 
     def _calibration_batches(self) -> list[dict]:
         from ..testbed import data
-        from ..testbed.encode import encode
+        from ..testbed.encode import encode_batches
 
         scenes = self.calibration if self.calibration is not None else data.generate(self.calib, "train", seed=CALIBRATION_SEED)
-        scenes = list(scenes)
-        tokenizer = self.pm.processor.tokenizer
-        return [encode(scenes[i : i + 16], tokenizer) for i in range(0, len(scenes), 16)]
+        return encode_batches(scenes, self.pm.processor.tokenizer)
 
     def complete(self, point: dict, spec: _Spec, want_latency: bool, full: dict | None) -> None:
         """Fill in what `point` lacks: the evaluation (if not there yet) and the latency (if wanted)."""

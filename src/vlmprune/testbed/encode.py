@@ -59,6 +59,12 @@ def encode(
     return out
 
 
+def encode_batches(samples: Sequence[data.Sample], tokenizer, batch_size: int = 16) -> list[dict[str, torch.Tensor]]:
+    """`encode` in consecutive batches of `batch_size` (calibration inputs for ShortGPT and weight pruning)."""
+    samples = list(samples)
+    return [encode(samples[i : i + batch_size], tokenizer) for i in range(0, len(samples), batch_size)]
+
+
 def cell_token_indices(cell: int) -> torch.Tensor:
     """The visual-token indices (0..143, row-major patches) covering one of the 9 cells."""
     per_side = IMAGE_SIZE // PATCH  # 12 patches per image side

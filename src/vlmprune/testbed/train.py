@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import VlmpruneError
-from ..files import write_json
+from ..files import write_dir, write_json
 from . import data
 from .encode import N_VISUAL, cell_token_indices, pixel_values
 from .recipe import build_model, build_processor, build_tokenizer
@@ -245,18 +244,6 @@ def _load_optimizer(opt: torch.optim.Optimizer, params: list[nn.Parameter], tens
         opt.state[p][key] = value.reshape(()) if key == "step" else value.reshape(p.shape)  # safetensors stores 0-d as [1]
 
 
-def _atomic_dir(final: Path, write) -> None:
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _initial_weights(source: Path) -> dict[str, torch.Tensor]:
     """Weights to start from: a saved model directory (transformers checkpoint) or a training state directory."""
     if (source / "config.json").is_file():
@@ -323,7 +310,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
                 dict(config=asdict(cfg), step=step, log=log, elapsed=elapsed + time.perf_counter() - t_start)
             ))
 
-        _atomic_dir(state_dir, write)
+        write_dir(state_dir, write)
 
     t_start = time.perf_counter()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress)
@@ -382,7 +369,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
 
-    _atomic_dir(out / "model", write_model)
+    write_dir(out / "model", write_model)
     record = dict(
         command=_command(cfg),
         config=asdict(cfg), seconds=elapsed, threads=torch.get_num_threads(), log=log,

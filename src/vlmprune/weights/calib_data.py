@@ -23,7 +23,7 @@ def scene_batches(tokenizer, n: int, seed: int = 0, batch_size: int = SCENE_BATC
     """`n` FashionScenes **training** scenes (prompt + image, no answer) in batches, encoded for the
     testbed recipe's word-level tokenizer. Needs Fashion-MNIST (the Debian package)."""
     from ..testbed import data
-    from ..testbed.encode import encode
+    from ..testbed.encode import encode_batches
 
     n = _check_n(n)
     if "<image>" not in tokenizer.get_vocab():
@@ -38,8 +38,7 @@ def scene_batches(tokenizer, n: int, seed: int = 0, batch_size: int = SCENE_BATC
             f"calibration uses FashionScenes training scenes, which need Fashion-MNIST ({err}); install it with "
             "`apt-get install dataset-fashion-mnist` (the shipped evaluation set is never used for calibration)"
         ) from None
-    samples = data.generate(n, "train", seed=seed, source=source)
-    return [encode(samples[i : i + batch_size], tokenizer) for i in range(0, n, batch_size)]
+    return encode_batches(data.generate(n, "train", seed=seed, source=source), tokenizer, batch_size)
 
 
 def text_batches(tokenizer, n: int, seq_len: int = TEXT_SEQ_LEN, batch_size: int = TEXT_BATCH) -> list[dict]:

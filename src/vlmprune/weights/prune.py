@@ -35,9 +35,6 @@ import dataclasses
 import functools
 import importlib.util
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,7 +44,7 @@ import torch
 from torch import nn
 
 from ..errors import VlmpruneError
-from ..files import write_json
+from ..files import write_dir, write_json
 from .allocation import allocate, first_order_scores, owl_scores, owl_sparsities, uniform, zeroth_order_scores
 from .calibrate import VISION_BLOCKS, blockwise, dense_input_norms, find_stacks, model_inputs, select_linears
 from .local import Pattern, apply_mask, magnitude_mask, sparsegpt_prune, wanda_mask
@@ -410,9 +407,8 @@ def save_pruned(model_or_pm, processor_or_tokenizer, report: SparsityReport, out
     one. An existing `out_dir` is refused unless ``overwrite=True``."""
     model = _unwrap(model_or_pm)
     out = check_out_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         if processor_or_tokenizer is not None:
             processor_or_tokenizer.save_pretrained(tmp)
@@ -421,23 +417,5 @@ def save_pruned(model_or_pm, processor_or_tokenizer, report: SparsityReport, out
         else:
             plot = plot_sparsity(report, tmp / "sparsity.png").name
         write_json(tmp / "sparsity.json", {**report.to_dict(), "plot": plot})
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`; an existing `out` is moved aside first and removed only once `tmp` is in."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = tmp.with_name(tmp.name[: -len(".tmp")] + ".old")
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    return write_dir(out, write)
