@@ -174,12 +174,11 @@ def _cmd_testbed_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_prune_weights(args: argparse.Namespace) -> None:
-    from .weights import WeightPruneConfig, calibration_batches, load_for_pruning, prune_weights, save_pruned
-    from .weights.prune import check_out_dir
+    from .weights import WeightPruneConfig, calibration_batches, check_out_dir, load_for_pruning, prune_weights, save_pruned
 
     patterns = [p.strip() for p in args.patterns.split(",")] if args.patterns else None
     config = WeightPruneConfig(args.method, args.local, args.sparsity, args.nm, args.order, args.granularity, args.cap,
-                               patterns, args.seed)
+                               patterns, args.seed, args.score_samples)
     check_out_dir(args.out, args.overwrite)  # validate before the slow load, so bad input fails fast
     model, processor = load_for_pruning(args.model)
     batches = calibration_batches(model, processor, args.calib, seed=args.seed)
@@ -240,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.set_defaults(func=_cmd_sweep)
 
     pw = sub.add_parser("prune-weights", help="prune weights (allocation x local pruner) and save a transformers checkpoint")
-    pw.add_argument("--model", required=True, help="checkpoint directory (a supported VLM or a causal LM) or 'testbed'")
+    pw.add_argument("--model", required=True, help="checkpoint directory (a supported VLM or a causal LM), a .gguf file "
+                    "(causal LM, pip install -e '.[gguf]') or 'testbed'")
     pw.add_argument("--method", default="uniform", help="sparsity allocation: uniform, owl or ecoflap")
     pw.add_argument("--local", default="wanda", help="local pruner: wanda, sparsegpt or magnitude")
     pw.add_argument("--sparsity", type=float, help="overall share of the pruned weights to zero, in [0, 1) (default 0.5)")
@@ -248,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     pw.add_argument("--order", default="zeroth", help="ECoFLaP importance: zeroth (forward only) or first (backprop)")
     pw.add_argument("--granularity", default="block", help="one sparsity per block (decoder layer) or per layer (linear)")
     pw.add_argument("--cap", type=float, default=0.1, help="largest deviation of a unit's sparsity from the target")
+    pw.add_argument("--score-samples", type=int, help="calibration samples ECoFLaP's scores use (default: 8 for "
+                    "zeroth order, all for first)")
     pw.add_argument("--patterns", help="comma-separated module-name patterns of the linears to prune (default: all in blocks)")
     pw.add_argument("--calib", type=int, default=64, help="calibration samples: FashionScenes training scenes for a VLM, "
                     "128-token slices of CPython's pydoc topics for a causal LM")

@@ -212,6 +212,46 @@ def test_a_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["keep"] and os.listdir(tmp_path / "keep") == ["a.txt"]
 
 
+def test_zeroth_order_scores_each_sample_alone_and_reports_the_samples_used():
+    """Text rows split into one-sample batches (padding trimmed) whose losses are the rows' own; the
+    report counts the samples the scores used (zeroth: `score_samples`, first: all)."""
+    from vlmprune.weights.prune import _first_samples, _split_samples, calibration_loss
+
+    model = _llama()
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, 200, (3, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    batches = [dict(input_ids=ids, attention_mask=mask), dict(input_ids=ids[:2], attention_mask=mask[:2])]
+    rows = _split_samples(_first_samples(batches, 4, None), None)
+    assert [r["input_ids"].shape for r in rows] == [(1, 9), (1, 5), (1, 9), (1, 9)]
+    assert torch.equal(rows[1]["input_ids"][0], ids[1, 4:])
+    with torch.no_grad():
+        alone = calibration_loss(model, dict(input_ids=ids[1:2, 4:], attention_mask=torch.ones(1, 5, dtype=torch.long)))
+        assert float(calibration_loss(model, rows[1])) == pytest.approx(float(alone), rel=1e-6)
+    zeroth = prune_weights(_llama(), batches, method="ecoflap", sparsity=0.5, score_samples=4, progress=False)
+    first = prune_weights(_llama(), batches, method="ecoflap", order="first", sparsity=0.5, progress=False)
+    uniform = prune_weights(_llama(), batches, sparsity=0.5, progress=False)
+    assert (zeroth.score_samples, first.score_samples, uniform.score_samples) == (4, 5, None)
+    assert zeroth.allocation_seconds > 0 and zeroth.seconds > zeroth.allocation_seconds and zeroth.peak_memory_bytes > 0
+
+
+@pytest.mark.parametrize("family, splits", [("llava", True), ("qwen2_vl", False)])
+def test_only_batches_with_one_row_per_sample_split(family, splits):
+    from vlmprune.weights.prune import _split_samples
+
+    model, batches = _setup(family)
+    image_id = model.config.image_token_id
+    rows = _split_samples(batches, image_id)
+    assert len(rows) == (batches[0]["input_ids"].shape[0] if splits else 1)
+    if splits:  # each one-image sample keeps its own image
+        for i, row in enumerate(rows):
+            assert torch.equal(row["pixel_values"][0], batches[0]["pixel_values"][i])
+        uneven = dict(batches[0], input_ids=batches[0]["input_ids"].clone())
+        uneven["input_ids"][0][uneven["input_ids"][0] == image_id] = 5  # sample 0 loses its image tokens
+        assert len(_split_samples([uneven], image_id)) == 1
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 

@@ -19,12 +19,10 @@ reported figures are medians over `repeats`. Memory is measured in one further, 
 measurement never slows the timed ones:
 
 * CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the run (exact, tensors only).
-* CPU: the C allocator's in-use bytes (glibc ``mallinfo2``: ``uordblks + hblkhd``, which counts
-  freed-but-cached memory as free, unlike the resident set) sampled every 0.2 ms by a thread, minus
-  the value before the run. Sampling can miss a peak shorter than the interval, so it is a lower
-  bound; on the testbed it equals the exact allocation trace of ``torch.profiler`` (37.2 MB both,
-  batch 8). Without glibc it falls back to the growth of the resident set (``/proc/self/statm``),
-  which allocator caching can understate. ``memory_method`` names the method used.
+* CPU: the C allocator's in-use bytes (glibc ``mallinfo2``) sampled every 0.2 ms by a thread, minus
+  the value before the run (`memory.peak_memory_growth`); a lower bound, which on the testbed equals
+  the exact allocation trace of ``torch.profiler`` (37.2 MB both, batch 8). ``memory_method`` names
+  the method used.
 
 KV-cache bytes are the engine's cache (``RunStats.kv_bytes``: keys and values of every layer that
 ran, padding slots included) right after prefill and after the last decode step.
@@ -32,11 +30,7 @@ ran, padding slots included) right after prefill and after the last decode step.
 
 from __future__ import annotations
 
-import ctypes
-import gc
-import os
 import statistics
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -46,9 +40,7 @@ import torch
 from ..engine.runner import decode_step, prefill
 from ..errors import VlmpruneError
 from ..pruned_model import PrunedModel, resolve_prune
-
-SAMPLE_INTERVAL_S = 2e-4
-
+from .memory import peak_memory_growth
 
 @dataclass
 class LatencyResult:
@@ -103,7 +95,8 @@ def measure_latency(
             decode_ms.append(run.decode_s * 1e3 / decode_tokens)
             kv = (run.kv_prefill, run.kv_decoded)
         del run  # free this run's KV cache before the next one
-    peak, method = _peak_memory(lambda: _run(pm, inputs, prune, decode_tokens, sync), device)
+    result, peak, method = peak_memory_growth(lambda: _run(pm, inputs, prune, decode_tokens, sync), device)
+    del result
     return LatencyResult(
         prefill_ms=statistics.median(prefill_ms),
         decode_ms_per_token=statistics.median(decode_ms),
@@ -155,80 +148,3 @@ def _run(pm: PrunedModel, inputs: dict, prune: Any, decode_tokens: int, sync: Ca
     return _Run(t1 - t0, t2 - t1, kv_prefill, res.cache.nbytes(), res.cache)
 
 
-def _peak_memory(fn: Callable[[], Any], device: torch.device) -> tuple[int, str]:
-    """Peak memory growth while `fn` runs (its result still alive at the end), and the method's name.
-
-    Garbage is collected first and the collector paused during the run, so that freeing older objects
-    mid-run cannot hide part of the growth.
-    """
-    gc.collect()
-    paused = gc.isenabled()
-    gc.disable()
-    try:
-        return _peak_growth(fn, device)
-    finally:
-        if paused:
-            gc.enable()
-
-
-def _peak_growth(fn: Callable[[], Any], device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        result = fn()
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-        del result
-        return int(peak), "cuda max_memory_allocated"
-    read, method = _cpu_reader()
-    base = read()
-    peak = [base]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], read())
-            time.sleep(SAMPLE_INTERVAL_S)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        result = fn()
-        peak[0] = max(peak[0], read())  # the final state, with the grown KV cache still alive
-    finally:
-        stop.set()
-        sampler.join()
-    del result
-    return max(0, peak[0] - base), method
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def _cpu_reader() -> tuple[Callable[[], int], str]:
-    """A cheap reader of the process's current memory in bytes: malloc's in-use bytes, else the resident set."""
-    try:
-        mallinfo2 = ctypes.CDLL(None).mallinfo2  # glibc >= 2.33
-        mallinfo2.restype = _MallInfo2
-        mallinfo2.argtypes = []
-
-        def in_use() -> int:
-            info = mallinfo2()
-            return info.uordblks + info.hblkhd  # heap chunks in use + mmapped chunks
-
-        in_use()
-        return in_use, "malloc in-use bytes (glibc mallinfo2), sampled"
-    except (OSError, AttributeError):
-        pass
-    if not os.path.exists("/proc/self/statm"):
-        return (lambda: 0), "not measured (neither glibc mallinfo2 nor /proc/self/statm)"
-    page = os.sysconf("SC_PAGE_SIZE")
-
-    def resident() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page
-
-    return resident, "resident set (/proc/self/statm), sampled"

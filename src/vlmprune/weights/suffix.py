@@ -1,0 +1,127 @@
+"""Suffix forwards for ECoFLaP's zeroth-order scores: skip the blocks that nothing perturbed.
+
+While block i of a stack is perturbed, blocks 0..i-1 of that stack compute exactly what they compute
+in the dense model, so their output is replayed instead of recomputed: every block before i returns
+the cached hidden states reaching block i (the model's own forward still runs embeddings, the rest of
+the stack, the head and the loss). The cache holds one block boundary for every calibration batch and
+moves down the stack one block at a time, as `zeroth_order_scores` visits blocks in model order; a
+vision block's scores skip vision blocks only (the language model then runs whole).
+
+Skipping patches the block's ``forward`` on the instance (the module, its attributes and hooks stay),
+and is undone on exit. On first use in a stack, one batch's loss with skipping is compared with the
+ordinary forward; if they differ (a family whose loop reads its blocks' outputs differently), skipping
+is switched off for that stack and forwards run whole, with a warning::
+
+    suffix = SuffixLosses(model, batches, stacks, calibration_loss)
+    scores = zeroth_order_scores(suffix.losses(), blocks, around_block=lambda k: suffix.skipping(*where[k]))
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .calibrate import Stack, _capture, _run_block
+
+MATCH_RTOL = 1e-5  # relative loss difference above which skipping is judged unsafe for a stack
+
+
+class SuffixLosses:
+    """Per-batch loss functions whose forwards skip the unperturbed prefix of a stack (see module doc)."""
+
+    def __init__(self, model: nn.Module, batches: Sequence[Mapping], stacks: Sequence[Stack], loss: Callable) -> None:
+        self.model, self.batches, self.stacks, self.loss = model, list(batches), list(stacks), loss
+        self._batch: int | None = None
+        self._stack: str | None = None
+        self._index = 0
+        self._hidden: dict[int, torch.Tensor] = {}  # batch -> hidden states reaching block `_index`
+        self._calls: dict[int, list] = {}  # batch -> each block's call (arguments besides hidden states)
+        self._safe: dict[str, bool] = {}
+        self.skipped_blocks = 0  # block forwards saved, for reports and tests
+
+    def losses(self) -> list[Callable[[], torch.Tensor]]:
+        """One zero-argument loss function per calibration batch."""
+        return [functools.partial(self._loss, b) for b in range(len(self.batches))]
+
+    def _loss(self, b: int) -> torch.Tensor:
+        self._batch = b
+        try:
+            return self.loss(self.model, self.batches[b])
+        finally:
+            self._batch = None
+
+    @contextmanager
+    def skipping(self, stack: str, index: int) -> Iterator[None]:
+        """Inside, forwards skip blocks ``0 .. index-1`` of `stack` ("vision" or "language"). Calls must
+        come in model order (a stack's blocks ascending); the dense weights must be in place on entry."""
+        blocks = self._move_to(stack, index)
+        if index == 0 or not self._safe.get(stack, True):
+            yield
+            return
+        patched = self._patch(blocks[:index])
+        try:
+            if stack not in self._safe:
+                self._safe[stack] = self._check(blocks[:index], patched)
+            yield
+        finally:
+            for block in blocks[:index]:
+                block.__dict__.pop("forward", None)
+
+    # ------------------------------------------------------------------ internals
+
+    def _stack_named(self, name: str) -> Stack:
+        for stack in self.stacks:
+            if stack.name == name:
+                return stack
+        raise KeyError(name)
+
+    def _move_to(self, name: str, index: int) -> nn.ModuleList:
+        stack = self._stack_named(name)
+        if name != self._stack or index < self._index:
+            self._hidden, self._calls = {}, {}
+            for b, batch in enumerate(self.batches):  # capture per batch: a batch without images skips the tower
+                first, calls = _capture(stack, [batch])
+                if first:
+                    self._hidden[b], self._calls[b] = first[0], [c[0] for c in calls]
+            self._stack, self._index = name, 0
+        with torch.no_grad():
+            while self._index < index:  # dense block i-1 makes block i's inputs
+                block = stack.blocks[self._index]
+                self._hidden = {b: _run_block(block, x, self._calls[b][self._index]) for b, x in self._hidden.items()}
+                self._index += 1
+        return stack.blocks
+
+    def _patch(self, skipped: Sequence[nn.Module]) -> list[nn.Module]:
+        def replay(*args, **kwargs) -> torch.Tensor:
+            self.skipped_blocks += 1
+            return self._hidden[self._batch]
+
+        for block in skipped:
+            block.forward = replay
+        return list(skipped)
+
+    def _check(self, skipped: Sequence[nn.Module], patched: list[nn.Module]) -> bool:
+        b = next(iter(self._hidden), None)
+        if b is None:
+            return True
+        with torch.no_grad():
+            fast = float(self._loss(b))
+            for block in patched:
+                block.__dict__.pop("forward", None)
+            whole = float(self._loss(b))
+        self._patch(skipped)
+        if abs(fast - whole) <= MATCH_RTOL * max(1.0, abs(whole)):
+            return True
+        warnings.warn(
+            f"skipping unperturbed blocks changed the {self._stack} loss ({fast:.6g} vs {whole:.6g}); "
+            "zeroth-order scores run whole forwards for this stack (slower, same result)",
+            stacklevel=3,
+        )
+        for block in patched:
+            block.__dict__.pop("forward", None)
+        return False
