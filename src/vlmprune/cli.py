@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     pw.add_argument("--order", default="zeroth", help="ECoFLaP importance: zeroth (forward only) or first (backprop)")
     pw.add_argument("--granularity", default="block", help="one sparsity per block (decoder layer) or per layer (linear)")
     pw.add_argument("--cap", type=float, default=0.1, help="largest deviation of a unit's sparsity from the target")
-    pw.add_argument("--score-samples", type=int, help="calibration samples ECoFLaP's scores use (default: 8 for "
+    pw.add_argument("--score-samples", type=int, help="calibration samples ECoFLaP's scores use (default: 4 for "
                     "zeroth order, all for first)")
     pw.add_argument("--patterns", help="comma-separated module-name patterns of the linears to prune (default: all in blocks)")
     pw.add_argument("--calib", type=int, default=64, help="calibration samples: FashionScenes training scenes for a VLM, "

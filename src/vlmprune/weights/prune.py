@@ -53,7 +53,7 @@ LOCALS = ("wanda", "sparsegpt", "magnitude")
 ORDERS = ("zeroth", "first")
 GRANULARITIES = ("layer", "block")
 DEFAULT_SPARSITY = 0.5
-ZEROTH_SCORE_SAMPLES = 8  # ECoFLaP zeroth order: 2 forwards per block per sample, so few samples by default
+ZEROTH_SCORE_SAMPLES = 4  # ECoFLaP zeroth order: 2 forwards per block per sample, so few samples by default
 ROW_KEYS = {"input_ids", "attention_mask", "labels", "pixel_values", "image_sizes"}  # inputs that split by sample
 OWL_M = 5.0  # OWL's outlier threshold, in multiples of a unit's mean Wanda score
 
