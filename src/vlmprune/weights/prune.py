@@ -254,14 +254,13 @@ def _allocation(cfg: WeightPruneConfig, model, batches, stacks, linears, units) 
             lod += owl_scores([scores], m=OWL_M)
         return owl_sparsities(lod, target, lam=cfg.cap, sizes=sizes)
     params = [[linears[n].weight for n in names] for _, names in units]
-    image_id = getattr(model.config, "image_token_id", None)
+    scored = _scored_batches(cfg, model, batches)
     if cfg.order == "zeroth":
-        scored = _split_samples(_first_samples(batches, cfg.score_samples or ZEROTH_SCORE_SAMPLES, image_id), image_id)
+        scored = _split_samples(scored, getattr(model.config, "image_token_id", None))
         suffix = SuffixLosses(model, scored, stacks, calibration_loss)
         where = [_block_of(stacks, names[0]) for _, names in units]
         totals = zeroth_order_scores(suffix.losses(), params, seed=cfg.seed, around_block=lambda k: suffix.skipping(*where[k]))
     else:
-        scored = _first_samples(batches, cfg.score_samples, image_id) if cfg.score_samples else batches
         totals = first_order_scores([functools.partial(calibration_loss, model, b) for b in scored], params)
     return allocate([t / n for t, n in zip(totals, sizes)], target, cap=cfg.cap, sizes=sizes)
 
@@ -351,14 +350,18 @@ def prune_weights(
     )
 
 
+def _scored_batches(cfg: WeightPruneConfig, model: nn.Module, batches: list[dict]) -> list[dict]:
+    """The calibration batches ECoFLaP's scores use: the first `score_samples` samples (default:
+    `ZEROTH_SCORE_SAMPLES` for zeroth order, all for first)."""
+    n = cfg.score_samples or (ZEROTH_SCORE_SAMPLES if cfg.order == "zeroth" else None)
+    return batches if n is None else _first_samples(batches, n, getattr(model.config, "image_token_id", None))
+
+
 def _score_samples(cfg: WeightPruneConfig, model: nn.Module, batches: list[dict]) -> int | None:
     """How many calibration samples ECoFLaP's scores used (None for other methods)."""
     if cfg.method != "ecoflap":
         return None
-    default = ZEROTH_SCORE_SAMPLES if cfg.order == "zeroth" else None
-    image_id = getattr(model.config, "image_token_id", None)
-    used = _first_samples(batches, cfg.score_samples or default, image_id) if cfg.score_samples or default else batches
-    return sum(int(b["input_ids"].shape[0]) for b in used)
+    return sum(int(b["input_ids"].shape[0]) for b in _scored_batches(cfg, model, batches))
 
 
 def _first_samples(batches: list[dict], n: int, image_token_id: int | None) -> list[dict]:

@@ -63,14 +63,14 @@ class SuffixLosses:
         if index == 0 or not self._safe.get(stack, True):
             yield
             return
-        patched = self._patch(blocks[:index])
+        skipped = list(blocks[:index])
+        self._patch(skipped)
         try:
             if stack not in self._safe:
-                self._safe[stack] = self._check(blocks[:index], patched)
+                self._safe[stack] = self._check(skipped)
             yield
         finally:
-            for block in blocks[:index]:
-                block.__dict__.pop("forward", None)
+            _unpatch(skipped)
 
     # ------------------------------------------------------------------ internals
 
@@ -96,23 +96,23 @@ class SuffixLosses:
                 self._index += 1
         return stack.blocks
 
-    def _patch(self, skipped: Sequence[nn.Module]) -> list[nn.Module]:
+    def _patch(self, skipped: Sequence[nn.Module]) -> None:
         def replay(*args, **kwargs) -> torch.Tensor:
             self.skipped_blocks += 1
             return self._hidden[self._batch]
 
         for block in skipped:
             block.forward = replay
-        return list(skipped)
 
-    def _check(self, skipped: Sequence[nn.Module], patched: list[nn.Module]) -> bool:
+    def _check(self, skipped: Sequence[nn.Module]) -> bool:
+        """Whether one batch's loss with the (patched) blocks skipped equals its whole forward; if not,
+        the blocks are left unpatched."""
         b = next(iter(self._hidden), None)
         if b is None:
             return True
         with torch.no_grad():
             fast = float(self._loss(b))
-            for block in patched:
-                block.__dict__.pop("forward", None)
+            _unpatch(skipped)
             whole = float(self._loss(b))
         self._patch(skipped)
         if abs(fast - whole) <= MATCH_RTOL * max(1.0, abs(whole)):
@@ -122,6 +122,11 @@ class SuffixLosses:
             "zeroth-order scores run whole forwards for this stack (slower, same result)",
             stacklevel=3,
         )
-        for block in patched:
-            block.__dict__.pop("forward", None)
+        _unpatch(skipped)
         return False
+
+
+def _unpatch(blocks: Sequence[nn.Module]) -> None:
+    """Give the blocks their own forward back (drop the instance attribute `_patch` set)."""
+    for block in blocks:
+        block.__dict__.pop("forward", None)
