@@ -21,6 +21,9 @@ Semantics (also in the README):
   token, -1 to discard it. At stage K a kept token's hidden state becomes the mean of every token
   assigned to it (pooling, VisionZip's contextual tokens, SparseVLM's recycling); it keeps its own
   position.
+* ``overhead`` (optional): multiply-adds the deciding method spent before the LLM, per sample (a
+  number for every sample, or one per sample), e.g. PAR's router; the accountant prices them with the
+  method's scoring.
 """
 
 from __future__ import annotations
@@ -96,8 +99,16 @@ class Plan:
     keep: Mapping[int, Any] = field(default_factory=dict)
     skip: Any = ()
     merge: Mapping[int, Any] = field(default_factory=dict)
+    overhead: Any = 0.0
 
     def __post_init__(self) -> None:
+        overhead = self.overhead
+        if isinstance(overhead, torch.Tensor):
+            overhead = overhead.tolist()
+        values = list(overhead) if isinstance(overhead, (list, tuple)) else [overhead]
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 for v in values):
+            raise VlmpruneError(f"Plan.overhead must be multiply-adds >= 0 (a number or one per sample), got {self.overhead!r}")
+        object.__setattr__(self, "overhead", tuple(float(v) for v in overhead) if isinstance(overhead, (list, tuple)) else float(overhead))
         keep: dict[int, KeepRows] = {}
         for layer, idx in sorted(dict(self.keep).items()):
             if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
@@ -112,6 +123,9 @@ class Plan:
                 raise VlmpruneError(f"Plan.skip has a negative layer index: {sorted(s)}")
         if isinstance(skip, tuple) and sizes and len(skip) not in sizes:
             raise VlmpruneError(f"Plan.skip has {len(skip)} per-sample lists but keep has batch {sizes.pop()}")
+        batches = sizes | ({len(skip)} if isinstance(skip, tuple) else set())
+        if isinstance(self.overhead, tuple) and batches and len(self.overhead) not in batches:
+            raise VlmpruneError(f"Plan.overhead has {len(self.overhead)} per-sample values but the plan is for batch {batches.pop()}")
         merge: dict[int, KeepRows] = {}
         for layer, rows in sorted(dict(self.merge).items()):
             if layer not in keep:
@@ -142,7 +156,13 @@ class Plan:
         """The batch size the plan is written for, or None if it fits any batch."""
         for rows in self.keep.values():
             return len(rows)
-        return len(self.skip) if isinstance(self.skip, tuple) else None
+        if isinstance(self.skip, tuple):
+            return len(self.skip)
+        return len(self.overhead) if isinstance(self.overhead, tuple) else None
+
+    def overheads(self, batch: int) -> tuple[float, ...]:
+        """The deciding method's multiply-adds before the LLM, one per sample."""
+        return self.overhead if isinstance(self.overhead, tuple) else (self.overhead,) * batch
 
     def skip_sets(self, batch: int) -> tuple[frozenset[int], ...]:
         """One set of skipped layers per sample."""
@@ -189,15 +209,17 @@ class Plan:
         out = {"keep": {str(k): [r.tolist() for r in rows] for k, rows in self.keep.items()}, "skip": skip}
         if self.merge:
             out["merge"] = {str(k): [r.tolist() for r in rows] for k, rows in self.merge.items()}
+        if self.overhead:
+            out["overhead"] = list(self.overhead) if isinstance(self.overhead, tuple) else self.overhead
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "Plan":
-        unknown = set(data) - {"keep", "skip", "merge"}
+        unknown = set(data) - {"keep", "skip", "merge", "overhead"}
         if unknown:
-            raise VlmpruneError(f"unknown Plan fields {sorted(unknown)}; a plan has 'keep', 'skip' and 'merge'")
+            raise VlmpruneError(f"unknown Plan fields {sorted(unknown)}; a plan has 'keep', 'skip', 'merge' and 'overhead'")
         rows = lambda field: {int(k): [torch.tensor(r, dtype=torch.long) for r in v] for k, v in data.get(field, {}).items()}
-        return cls(keep=rows("keep"), skip=data.get("skip", ()), merge=rows("merge"))
+        return cls(keep=rows("keep"), skip=data.get("skip", ()), merge=rows("merge"), overhead=data.get("overhead", 0.0))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())

@@ -204,7 +204,7 @@ def prefill(
         raise VlmpruneError("logits_to_keep must be 0 (every token) or 1 (each sample's last token)")
     logits = dec.lm_head(dec.norm(hidden))
     last_logits = logits[:, -1] if logits_to_keep == 1 else logits[b, last]
-    applied = Plan(keep=stages, skip=plan.skip, merge=merges)
+    applied = Plan(keep=stages, skip=plan.skip, merge=merges, overhead=plan.overhead)
     head_rows = torch.ones(batch, dtype=torch.long) if logits_to_keep == 1 else state.token_counts().cpu()
     input_visual = (prep.visual_mask & prep.attention_mask).sum(1).cpu()
     stats = RunStats(tokens, visual, ran, cache.entries(), applied, cache.nbytes(), input_visual, head_rows, score_rows)

@@ -16,7 +16,8 @@ key/value heads of size ``hd``, SwiGLU width ``m``)::
 
 LM head: ``rows * d * vocab`` for the rows that reach it. Scoring overhead of in-model methods (FastV,
 PDrop, SparseVLM read attention rows of layer i from its cache): per query row one q projection
-``d * H*hd`` plus one row of scores ``keys * H*hd`` against the layer's keys.
+``d * H*hd`` plus one row of scores ``keys * H*hd`` against the layer's keys. A method that computes
+before the LLM (PAR's router) states its multiply-adds in ``Plan.overhead``; they count as scoring.
 
 Vision tower, as transformers runs it (every layer, whatever ``vision_feature_layer`` selects)::
 
@@ -106,6 +107,7 @@ class LMCounts:
     input_text: torch.Tensor
     input_visual: torch.Tensor
     head_rows: torch.Tensor
+    overhead: torch.Tensor | None = None  # [B] MACs the deciding method spent before the LLM (`Plan.overhead`)
 
     @property
     def input_tokens(self) -> torch.Tensor:
@@ -121,7 +123,8 @@ class LMCounts:
             input_visual = stats.visual_tokens[:, 0]
         rows = stats.score_rows if stats.score_rows is not None else torch.zeros_like(stats.tokens)
         head = stats.head_rows if stats.head_rows is not None else torch.ones_like(text)
-        return cls(stats.tokens, stats.layers_run, rows, text, input_visual, head)
+        overhead = torch.tensor(stats.plan.overheads(text.shape[0]), dtype=torch.float64)
+        return cls(stats.tokens, stats.layers_run, rows, text, input_visual, head, overhead)
 
     @classmethod
     def from_schedule(
@@ -158,12 +161,16 @@ class LMCounts:
         plan.validate(n_layers, list(n_visual))
         batch = len(n_text)
         keep = [{layer: int(rows[b].numel()) for layer, rows in plan.keep.items()} for b in range(batch)]
-        return cls.from_schedule(n_text, n_visual, n_layers, keep, plan.skip_sets(batch), head_rows=head_rows)
+        counts = cls.from_schedule(n_text, n_visual, n_layers, keep, plan.skip_sets(batch), head_rows=head_rows)
+        counts.overhead = torch.tensor(plan.overheads(batch), dtype=torch.float64)
+        return counts
 
     def macs(self, text_config) -> dict[str, torch.Tensor]:
         """``[B]`` MACs: decoder layers run, scoring overhead, LM head, and every layer over every prompt token."""
         layers = (layer_macs(text_config, self.tokens) * self.layers_run).sum(1)
         scoring = score_macs(text_config, self.score_rows, self.tokens).sum(1)
+        if self.overhead is not None:
+            scoring = scoring + self.overhead
         head = self.head_rows.to(torch.float64) * text_config.hidden_size * text_config.vocab_size
         full = layer_macs(text_config, self.input_tokens) * self.tokens.shape[1]
         return {"layers": layers, "scoring": scoring, "head": head, "full": full}

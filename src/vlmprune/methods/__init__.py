@@ -7,6 +7,7 @@ from .base import Compose
 from .budget import AtFlops
 from .layer.random_layers import RandomLayers
 from .layer.shortgpt import ShortGPT, block_influence
+from .par import PAR, PARLayers, PARTokens
 from .registry import METHODS, build_method, register_method
 from .token.fastv import FastV
 from .token.pdrop import PDrop
@@ -15,4 +16,4 @@ from .token.random import Random
 from .token.sparsevlm import SparseVLM
 from .token.visionzip import VisionZip
 
-__all__ = ["METHODS", "AtFlops", "Compose", "FastV", "PDrop", "Pool", "Random", "RandomLayers", "ShortGPT", "SparseVLM", "VisionZip", "block_influence", "build_method", "register_method"]
+__all__ = ["METHODS", "AtFlops", "Compose", "FastV", "PAR", "PARLayers", "PARTokens", "PDrop", "Pool", "Random", "RandomLayers", "ShortGPT", "SparseVLM", "VisionZip", "block_influence", "build_method", "register_method"]

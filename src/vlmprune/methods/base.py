@@ -119,7 +119,7 @@ class Compose:
         object.__setattr__(self, "methods", tuple(methods))
 
     def decide(self, pm, prep) -> tuple[Plan, list]:
-        keep, merge, skip, policies = {}, {}, set(), []
+        keep, merge, skip, policies, overhead = {}, {}, set(), [], None
         for method in self.methods:
             plan, pols = (method, []) if isinstance(method, Plan) else method.decide(pm, prep)
             overlap = set(plan.keep) & set(keep)
@@ -131,4 +131,6 @@ class Compose:
             merge.update(plan.merge)
             skip |= plan.skip
             policies.extend(pols)
-        return Plan(keep=keep, skip=sorted(skip), merge=merge), policies
+            mine = torch.tensor(plan.overheads(prep.input_ids.shape[0]), dtype=torch.float64)
+            overhead = mine if overhead is None else overhead + mine
+        return Plan(keep=keep, skip=sorted(skip), merge=merge, overhead=overhead), policies

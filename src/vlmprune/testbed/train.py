@@ -229,7 +229,7 @@ def drop_empty_cells(
     return out_embeds, out_mask, out_labels, positions
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
+def optimizer_tensors(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
     out = {}
     for i, p in enumerate(params):
         for key, value in opt.state.get(p, {}).items():
@@ -237,7 +237,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -
     return out
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, params: list[nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+def load_optimizer_tensors(opt: torch.optim.Optimizer, params: list[nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
     for name, value in tensors.items():
         i, key = name.split(".", 1)
         p = params[int(i)]
@@ -295,7 +295,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
             raise VlmpruneError(f"{state_dir} holds a run with another configuration; use another --out or delete it")
         model.load_state_dict(load_file(state_dir / "model.safetensors"))
         aux.load_state_dict(load_file(state_dir / "aux.safetensors"))
-        _load_optimizer(opt, params, load_file(state_dir / "optimizer.safetensors"))
+        load_optimizer_tensors(opt, params, load_file(state_dir / "optimizer.safetensors"))
         start, log, elapsed = state["step"], state["log"], state["elapsed"]
     eval_set = data.generate(cfg.eval_samples, "test", seed=cfg.seed + 99_991, source=test_source)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
@@ -305,7 +305,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
         def write(tmp: Path) -> None:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
             save_file(aux.state_dict(), tmp / "aux.safetensors")
-            save_file(_optimizer_tensors(opt, params), tmp / "optimizer.safetensors")
+            save_file(optimizer_tensors(opt, params), tmp / "optimizer.safetensors")
             (tmp / "state.json").write_text(json.dumps(
                 dict(config=asdict(cfg), step=step, log=log, elapsed=elapsed + time.perf_counter() - t_start)
             ))

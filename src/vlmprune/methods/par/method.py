@@ -1,0 +1,136 @@
+"""PAR as a pruning method: a trained router decides, per sample, the visual tokens and layers kept.
+
+Three registered versions share one router: ``par`` (hybrid: `keep` visual tokens and `layers` of the
+decoder layers), ``par-tokens`` (tokens only) and ``par-layers`` (layers only, `keep_layers` layers).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ...engine.plan import Plan
+from ...errors import VlmpruneError
+from ..base import check_keep, check_keep_layers, keep_count
+from ..registry import register_method
+from .checkpoint import load_router
+from .router import Router, RouterOutput
+
+
+def layer_count(share: float, n_layers: int) -> int:
+    """Layers kept for a share in (0, 1]: ``floor(share * n + 0.5)``, at least 1."""
+    return max(1, min(n_layers, math.floor(share * n_layers + 0.5)))
+
+
+def check_share(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise VlmpruneError(f"{what}={value!r} is outside (0, 1]: give the share kept, e.g. 0.5")
+    return float(value)
+
+
+def plan_from_scores(out: RouterOutput, keep: float | int | None, layers: int | None, token_layer: int, overhead=0.0) -> Plan:
+    """Top-`keep` visual tokens (None: all) from `token_layer` on and the top-`layers` decoder layers
+    (None: all) of each sample, by the router's logits."""
+    stages, skip = {}, ()
+    if keep is not None:
+        stages = {token_layer: [out.token_logits[b, :n].topk(keep_count(keep, n)).indices for b, n in enumerate(out.n_visual)]}
+    if layers is not None:
+        n_layers = out.layer_logits.shape[1]
+        skip = [sorted(row.topk(n_layers - layers, largest=False).indices.tolist()) for row in out.layer_logits]
+    return Plan(keep=stages, skip=skip, overhead=overhead)
+
+
+class _RouterMethod:
+    """What the three versions share: the router (loaded once per path) and the decision."""
+
+    router: str | None
+
+    def _router(self, pm) -> Router:
+        if self.router is None:
+            raise VlmpruneError(f"{self.method_name} needs a trained router: {type(self).__name__}(router=DIR) or --router DIR")
+        router = load_router(self.router)
+        router.config.check_model(pm)
+        return router
+
+    def _decide(self, pm, prep, keep: float | int | None, layers: int | None):
+        router = self._router(pm)
+        device = prep.inputs_embeds.device
+        router.to(device)
+        token_share = 1.0 if keep is None else (keep if isinstance(keep, float) else keep / max(1, max(prep.n_visual)))
+        layer_share = 1.0 if layers is None else layers / pm.n_layers
+        with torch.no_grad():
+            out = router(prep, token_share, layer_share)
+        return plan_from_scores(out, keep, layers, router.config.token_layer, router.macs(prep).cpu()), []
+
+
+@register_method("par")
+@dataclass(frozen=True)
+class PAR(_RouterMethod):
+    """Hybrid PAR: per sample, the router's top `keep` visual tokens (ratio or count) survive from its
+    token layer K on, and its top `layers` share of the decoder layers run.
+
+        par = vlmprune.PAR.load("runs/par", tokens=0.25, layers=0.75)
+        pm(**inputs, prune=par)
+    """
+
+    router: str | None = None
+    keep: float | int = 0.25
+    layers: float = 0.75
+
+    def __post_init__(self) -> None:
+        check_keep(self.keep)
+        check_share(self.layers, "layers")
+
+    @classmethod
+    def load(cls, path: str | Path, tokens: float | int = 0.25, layers: float = 0.75) -> "_RouterMethod":
+        """The version a budget asks for: hybrid, `PARTokens` with ``layers=1``, `PARLayers` with ``tokens=1``."""
+        load_router(path)  # fail early on a missing or corrupt checkpoint
+        if layers == 1 and tokens != 1:
+            return PARTokens(router=str(path), keep=tokens)
+        check_share(layers, "layers")
+        if tokens == 1:
+            return PARLayers(router=str(path), keep_layers=None, layers=layers)
+        return cls(router=str(path), keep=tokens, layers=layers)
+
+    def decide(self, pm, prep):
+        return self._decide(pm, prep, self.keep, layer_count(self.layers, pm.n_layers))
+
+
+@register_method("par-tokens")
+@dataclass(frozen=True)
+class PARTokens(_RouterMethod):
+    """Token-only PAR: the router's top `keep` visual tokens (ratio or count); every layer runs."""
+
+    router: str | None = None
+    keep: float | int = 0.25
+
+    def __post_init__(self) -> None:
+        check_keep(self.keep)
+
+    def decide(self, pm, prep):
+        return self._decide(pm, prep, self.keep, None)
+
+
+@register_method("par-layers")
+@dataclass(frozen=True)
+class PARLayers(_RouterMethod):
+    """Layer-only PAR: per sample, the router's top `keep_layers` decoder layers run (or a `layers`
+    share when `keep_layers` is None); every visual token stays."""
+
+    router: str | None = None
+    keep_layers: int | None = None
+    layers: float = 0.75
+
+    def __post_init__(self) -> None:
+        if self.keep_layers is not None:
+            check_keep_layers(self.keep_layers)
+        check_share(self.layers, "layers")
+
+    def decide(self, pm, prep):
+        n = self.keep_layers if self.keep_layers is not None else layer_count(self.layers, pm.n_layers)
+        if n > pm.n_layers:
+            raise VlmpruneError(f"keep_layers={n} but the model has {pm.n_layers} decoder layers")
+        return self._decide(pm, prep, None, n)

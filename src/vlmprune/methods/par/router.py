@@ -1,0 +1,151 @@
+"""PAR's meta-router: reads the LVLM's input embeddings and learnable layer tokens, scores every
+visual token and every decoder layer (Pruning All-Rounder, arXiv:2412.06458).
+
+The router sees, per sample, the prompt's input embeddings (projected visual tokens and text tokens,
+`PreparedInputs.inputs_embeds`), projected down to `width`, plus sinusoidal features of each token's
+original positions (every RoPE axis) and, for visual tokens laid out as one grid, of its row and
+column. One learnable token per decoder layer and one budget token (an embedding of the requested
+token and layer shares) join the sequence; `depth` bidirectional transformer layers let image tokens
+see the question. Heads give one logit per visual token and one per decoder layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ...errors import VlmpruneError
+from ...models.base import PreparedInputs
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """The router's shape and the LVLM it was built for (`lm_hidden`, `n_layers`, `model_type`,
+    `position_axes`); `token_layer`: the decoder layer K from which dropped visual tokens are gone."""
+
+    model_type: str
+    lm_hidden: int
+    n_layers: int
+    position_axes: int = 1
+    width: int = 64
+    heads: int = 4
+    depth: int = 1
+    ffn: int = 128
+    position_features: int = 16
+    token_layer: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("lm_hidden", "n_layers", "position_axes", "width", "heads", "depth", "ffn", "position_features"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise VlmpruneError(f"RouterConfig.{name}={value!r} must be a positive int")
+        if self.width % self.heads:
+            raise VlmpruneError(f"RouterConfig.width={self.width} must be divisible by heads={self.heads}")
+        if isinstance(self.token_layer, bool) or not isinstance(self.token_layer, int) or not 0 <= self.token_layer < self.n_layers:
+            raise VlmpruneError(f"RouterConfig.token_layer={self.token_layer!r} must be a decoder layer in 0..{self.n_layers - 1}")
+
+    @classmethod
+    def for_model(cls, pm, **overrides) -> "RouterConfig":
+        """A router config sized for `pm` (a `PrunedModel`)."""
+        text = pm.adapter.text_config
+        return cls(str(pm.config.model_type), int(text.hidden_size), pm.n_layers, pm.adapter.position_axes, **overrides)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def check_model(self, pm) -> None:
+        """Refuse a router built for another model (family, width or depth)."""
+        mine = (self.model_type, self.lm_hidden, self.n_layers)
+        theirs = (str(pm.config.model_type), int(pm.adapter.text_config.hidden_size), pm.n_layers)
+        if mine != theirs:
+            raise VlmpruneError(
+                f"this router was trained for a {mine[0]} model with hidden size {mine[1]} and {mine[2]} decoder layers, "
+                f"but the model is {theirs[0]} with hidden size {theirs[1]} and {theirs[2]} layers; train a router for it "
+                "(vlmprune router train --model ...)"
+            )
+
+
+@dataclass
+class RouterOutput:
+    """``token_logits [B, V]`` per visual token in sequence order (-inf past a sample's count) and
+    ``layer_logits [B, n_layers]``."""
+
+    token_logits: torch.Tensor
+    layer_logits: torch.Tensor
+    n_visual: list[int]
+
+
+def sinusoid(values: torch.Tensor, features: int) -> torch.Tensor:
+    """``[..., 2 * features]`` sin/cos features of integer positions at geometric frequencies."""
+    freqs = torch.exp(-math.log(1e4) * torch.arange(features, device=values.device, dtype=torch.float32) / features)
+    angles = values.float()[..., None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], -1)
+
+
+def grid_coordinates(prep: PreparedInputs) -> torch.Tensor:
+    """``[B, L, 2]`` (row, col) of each visual token in its sample's grid (0 where unknown or text)."""
+    batch, length = prep.input_ids.shape
+    out = torch.zeros(batch, length, 2, dtype=torch.long, device=prep.input_ids.device)
+    for b, grid in enumerate(prep.visual_grids or [None] * batch):
+        where = prep.visual_mask[b].nonzero().squeeze(1)
+        if grid is None or grid[0] * grid[1] != where.numel():
+            continue
+        j = torch.arange(where.numel(), device=where.device)
+        out[b, where, 0], out[b, where, 1] = j // grid[1] + 1, j % grid[1] + 1
+    return out
+
+
+class Router(nn.Module):
+    def __init__(self, config: RouterConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.norm_in = nn.LayerNorm(c.lm_hidden)
+        self.project = nn.Linear(c.lm_hidden, c.width)
+        self.kind = nn.Embedding(2, c.width)  # 0 text, 1 visual
+        self.positions = nn.Linear(2 * c.position_features * (c.position_axes + 2), c.width)
+        self.layer_tokens = nn.Parameter(torch.randn(c.n_layers, c.width) * 0.02)
+        self.budget = nn.Sequential(nn.Linear(2, c.width), nn.GELU(), nn.Linear(c.width, c.width))
+        layer = nn.TransformerEncoderLayer(c.width, c.heads, c.ffn, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, c.depth, enable_nested_tensor=False)
+        self.norm_out = nn.LayerNorm(c.width)
+        self.token_head = nn.Linear(c.width, 1)
+        self.layer_head = nn.Linear(c.width, 1)
+
+    def forward(self, prep: PreparedInputs, tokens: torch.Tensor | float, layers: torch.Tensor | float) -> RouterOutput:
+        """Scores for a prepared batch at the requested shares of visual tokens and layers kept
+        (floats or ``[B]`` tensors)."""
+        c = self.config
+        embeds = prep.inputs_embeds.detach().to(self.project.weight.dtype)  # the LVLM stays frozen
+        batch, length = embeds.shape[:2]
+        axes = prep.position_ids.permute(1, 2, 0)  # [B, L, A]
+        feats = torch.cat([axes, grid_coordinates(prep)], -1)
+        pos = sinusoid(feats, c.position_features).flatten(2)
+        x = self.project(self.norm_in(embeds)) + self.kind(prep.visual_mask.long()) + self.positions(pos)
+        shares = torch.stack([torch.as_tensor(tokens, dtype=x.dtype).expand(batch), torch.as_tensor(layers, dtype=x.dtype).expand(batch)], -1)
+        extra = torch.cat([self.layer_tokens.expand(batch, -1, -1), self.budget(shares.to(x.device))[:, None]], 1)
+        x = torch.cat([x, extra], 1)
+        pad = torch.cat([~prep.attention_mask, torch.zeros(batch, extra.shape[1], dtype=torch.bool, device=x.device)], 1)
+        h = self.norm_out(self.encoder(x, src_key_padding_mask=pad))
+        token_scores = self.token_head(h[:, :length]).squeeze(-1)
+        layer_logits = self.layer_head(h[:, length : length + c.n_layers]).squeeze(-1)
+        counts = prep.n_visual
+        width = max(counts) if counts else 0
+        token_logits = torch.full((batch, width), float("-inf"), dtype=x.dtype, device=x.device)
+        for b, n in enumerate(counts):
+            token_logits[b, :n] = token_scores[b][prep.visual_mask[b]]
+        return RouterOutput(token_logits, layer_logits, counts)
+
+    def macs(self, prep: PreparedInputs) -> torch.Tensor:
+        """``[B]`` multiply-adds of one routing pass per sample (matrix products, as the accountant counts)."""
+        c = self.config
+        n_real = prep.attention_mask.sum(1).double()
+        n = n_real + c.n_layers + 1
+        per_layer = 4 * n * c.width**2 + 2 * n * n * c.width + 2 * n * c.width * c.ffn
+        inputs = n_real * (c.lm_hidden + 2 * c.position_features * (c.position_axes + 2)) * c.width
+        budget = 2 * c.width + c.width**2
+        heads = n_real + c.n_layers
+        return inputs + c.depth * per_layer + budget + heads * c.width

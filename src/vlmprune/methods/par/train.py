@@ -1,0 +1,243 @@
+"""Self-supervised training of PAR's router: the frozen LVLM's unpruned answer distribution is the
+teacher; candidate pruning flows are scored by KL(unpruned || pruned) through the engine; the router
+learns to prefer low-KL flows (a reference-free DPO-style preference loss on its log-likelihood of a
+selection) while regularisers hold its expected budget. ``loss="distill"`` instead regresses the
+router on the best candidate (the ablation).
+
+Selections are scored as independent Bernoulli choices, so the log-likelihood gap of two selections
+of equal size is the sum of the router's logits over what only the winner keeps minus what only the
+loser keeps; it is divided by the number of swapped items so one `beta` serves every budget.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ...errors import VlmpruneError
+from ...files import write_dir, write_json
+from .checkpoint import CONFIG, save_router
+from .flows import NOISE_SCALES, candidate_masks, flow_kl, plan_from_masks, repeat_prepared, teacher_pass
+from .method import layer_count
+from .router import Router, RouterConfig
+
+LOSSES = ("preference", "distill")
+TOKEN_BUDGETS = (0.11, 0.25, 0.5)  # shares of visual tokens sampled in training (plus the requested one)
+LAYER_BUDGETS = (0.5, 0.67, 0.83)  # shares of decoder layers (plus the requested one)
+EVAL_SEED = 424_242  # training scenes for the fixed monitoring batch
+
+
+@dataclass(frozen=True)
+class RouterTrainConfig:
+    """`tokens` / `layers`: the shares the router is trained for; with `sample_budgets` it also sees
+    `TOKEN_BUDGETS` x `LAYER_BUDGETS`, token-only (layers 1) and layer-only (tokens 1) budgets, so one
+    router serves every version. `router_samples`: Gumbel-top-k samples of the router per sample, beside
+    the teacher-based candidates (one per `flows.NOISE_SCALES`) and the router's own top-k."""
+
+    out: str
+    model: str = "testbed"
+    tokens: float = 0.25
+    layers: float = 0.75
+    sample_budgets: bool = True
+    steps: int = 400
+    batch_size: int = 8
+    router_samples: int = 2
+    loss: str = "preference"
+    beta: float = 2.0
+    margin: float = 0.05
+    budget_weight: float = 1.0
+    lr: float = 1e-3
+    width: int = 64
+    depth: int = 1
+    heads: int = 4
+    ffn: int = 128
+    token_layer: int = 0
+    score_layer: int = 1
+    seed: int = 0
+    save_every: int = 50
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise VlmpruneError(f"--{name} {value!r} is outside (0, 1]: the share kept, e.g. 0.25")
+        if self.loss not in LOSSES:
+            raise VlmpruneError(f"loss={self.loss!r} is not one of {', '.join(LOSSES)}")
+        for name in ("steps", "batch_size", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise VlmpruneError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def budgets(self) -> list[tuple[float, float]]:
+        """The (token share, layer share) pairs sampled in training."""
+        if not self.sample_budgets:
+            return [(self.tokens, self.layers)]
+        tokens = sorted({*TOKEN_BUDGETS, self.tokens})
+        layers = sorted({*LAYER_BUDGETS, self.layers})
+        pairs = {(t, l) for t in tokens for l in layers} | {(t, 1.0) for t in tokens} | {(1.0, l) for l in layers}
+        return sorted(pairs - {(1.0, 1.0)})
+
+
+def selection_gap(logits: torch.Tensor, win: torch.Tensor, lose: torch.Tensor) -> torch.Tensor:
+    """Mean logit of what only `win` keeps minus what only `lose` keeps (the Bernoulli log-likelihood
+    gap over the number of swapped items); 0 where the selections agree. Shapes ``[..., n]``."""
+    safe = logits.masked_fill(~torch.isfinite(logits), 0)
+    diff = ((win.float() - lose.float()) * safe).sum(-1)
+    swapped = (win ^ lose).sum(-1).float() / 2
+    return diff / swapped.clamp(min=1)
+
+
+def preference_loss(token_logits, layer_logits, token_masks, layer_masks, kl, beta: float, margin: float) -> torch.Tensor:
+    """``-log sigmoid(beta * gap)`` over every pair of a sample's candidates whose KLs differ by more than
+    a relative `margin` (the lower-KL one is the winner)."""
+    c = kl.shape[1]
+    i, j = torch.triu_indices(c, c, 1)
+    better = kl[:, i] < kl[:, j]
+    distinct = (kl[:, i] - kl[:, j]).abs() > margin * torch.maximum(kl[:, i], kl[:, j]) + 1e-6
+    win_i = better[..., None]
+    tw = torch.where(win_i, token_masks[:, i], token_masks[:, j])
+    tl = torch.where(win_i, token_masks[:, j], token_masks[:, i])
+    lw = torch.where(win_i, layer_masks[:, i], layer_masks[:, j])
+    ll = torch.where(win_i, layer_masks[:, j], layer_masks[:, i])
+    gap = selection_gap(token_logits[:, None], tw, tl) + selection_gap(layer_logits[:, None], lw, ll)
+    losses = -F.logsigmoid(beta * gap)
+    weights = distinct.float()
+    return (losses * weights).sum() / weights.sum().clamp(min=1)
+
+
+def distill_loss(token_logits, layer_logits, token_masks, layer_masks, kl) -> torch.Tensor:
+    """Binary cross-entropy of the router's logits against the lowest-KL candidate's selection."""
+    best = kl.argmin(1)
+    b = torch.arange(kl.shape[0])
+    valid = torch.isfinite(token_logits)
+    t = F.binary_cross_entropy_with_logits(token_logits.masked_fill(~valid, 0), token_masks[b, best].float(), reduction="none")
+    l = F.binary_cross_entropy_with_logits(layer_logits, layer_masks[b, best].float())
+    return (t * valid).sum() / valid.sum().clamp(min=1) + l
+
+
+def budget_loss(token_logits, layer_logits, token_share, layer_share) -> torch.Tensor:
+    """Squared gap between the router's expected kept share (mean sigmoid) and the requested one."""
+    valid = torch.isfinite(token_logits)
+    probs = torch.sigmoid(token_logits.masked_fill(~valid, 0)) * valid
+    expected_tokens = probs.sum(1) / valid.sum(1).clamp(min=1)
+    expected_layers = torch.sigmoid(layer_logits).mean(1)
+    return ((expected_tokens - token_share) ** 2).mean() + ((expected_layers - layer_share) ** 2).mean()
+
+
+def _training_samples(cfg: RouterTrainConfig, step: int, tokenizer):
+    from ...testbed import data
+    from ...testbed.encode import encode
+
+    samples = data.generate(cfg.batch_size, "train", seed=cfg.seed * 1_000_003 + step + 7)
+    return encode(samples, tokenizer)
+
+
+def train_router(cfg: RouterTrainConfig, pm=None, progress: bool = True, stop_after: int | None = None, batches=None) -> dict | None:
+    """Train (or resume) a router for `cfg.model` (or the given `PrunedModel`) and save it to
+    ``cfg.out`` (``router.safetensors`` + ``router.json`` with the config and the training log).
+
+    Training state goes to ``OUT/state`` every `save_every` steps; running the same command again
+    resumes from it. `batches`: a list of model-input dicts to train on instead of FashionScenes
+    training scenes (cycled), e.g. for another model family. `stop_after` stops (saved) after that
+    many steps in total and returns None.
+    """
+    from ...loading import load
+    from ...testbed.train import load_optimizer_tensors, optimizer_tensors
+
+    out = Path(cfg.out)
+    if (out / CONFIG).is_file() and not (out / "state").is_dir():
+        raise VlmpruneError(f"{out} already holds a trained router; choose another --out or delete it")
+    pm = pm if pm is not None else load(cfg.model)  # frozen: it only runs under no_grad
+    if not 0 <= cfg.token_layer < pm.n_layers:
+        raise VlmpruneError(f"token_layer={cfg.token_layer} is out of range: the model has decoder layers 0..{pm.n_layers - 1}")
+    torch.manual_seed(cfg.seed)
+    router = Router(RouterConfig.for_model(pm, width=cfg.width, depth=cfg.depth, heads=cfg.heads, ffn=cfg.ffn, token_layer=cfg.token_layer))
+    params = list(router.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    state_dir = out / "state"
+    start, log, elapsed = 0, [], 0.0
+    if (state_dir / "state.json").is_file():
+        state = json.loads((state_dir / "state.json").read_text())
+        if state["config"] != asdict(cfg):
+            raise VlmpruneError(f"{state_dir} holds a run with another configuration; use another --out or delete it")
+        router.load_state_dict(load_file(state_dir / "router.safetensors"))
+        load_optimizer_tensors(opt, params, load_file(state_dir / "optimizer.safetensors"))
+        start, log, elapsed = state["step"], state["log"], state["elapsed"]
+
+    budgets = cfg.budgets()
+    tokenizer = pm.processor.tokenizer if pm.processor is not None else None
+    n_layers = pm.n_layers
+    t_start = time.perf_counter()
+
+    def save_state(step: int) -> None:
+        def write(tmp: Path) -> None:
+            save_file({k: v.contiguous() for k, v in router.state_dict().items()}, tmp / "router.safetensors")
+            save_file(optimizer_tensors(opt, params), tmp / "optimizer.safetensors")
+            (tmp / "state.json").write_text(json.dumps(
+                dict(config=asdict(cfg), step=step, log=log, elapsed=elapsed + time.perf_counter() - t_start)))
+
+        write_dir(state_dir, write)
+
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="router", disable=not progress)
+    window: list[dict] = []
+    for step in bar:
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        inputs = batches[step % len(batches)] if batches is not None else _training_samples(cfg, step, tokenizer)
+        with torch.no_grad():
+            prep = pm.prepare(**inputs)
+            teacher = teacher_pass(pm, prep, cfg.score_layer)
+        batch = prep.input_ids.shape[0]
+        pick = torch.randint(len(budgets), (batch,), generator=gen)
+        token_share = torch.tensor([budgets[i][0] for i in pick.tolist()])
+        layer_share = torch.tensor([budgets[i][1] for i in pick.tolist()])
+        n_visual = torch.tensor(prep.n_visual)
+        keep_tokens = torch.clamp(torch.round(token_share * n_visual), min=1).long()
+        keep_layers = torch.tensor([layer_count(float(s), n_layers) for s in layer_share])
+
+        router.train()
+        out_r = router(prep, token_share, layer_share)
+        token_masks, layer_masks = candidate_masks(
+            teacher, out_r.token_logits, out_r.layer_logits, keep_tokens, keep_layers, cfg.router_samples, gen)
+        c = token_masks.shape[1]
+        flows = plan_from_masks(token_masks.flatten(0, 1), layer_masks.flatten(0, 1), cfg.token_layer, True, True)
+        kl = flow_kl(pm, repeat_prepared(prep, c), flows, teacher.log_probs.repeat_interleave(c, 0)).view(batch, c)
+
+        if cfg.loss == "preference":
+            main = preference_loss(out_r.token_logits, out_r.layer_logits, token_masks, layer_masks, kl, cfg.beta, cfg.margin)
+        else:
+            main = distill_loss(out_r.token_logits, out_r.layer_logits, token_masks, layer_masks, kl)
+        reg = budget_loss(out_r.token_logits, out_r.layer_logits, token_share, layer_share)
+        loss = main + cfg.budget_weight * reg
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+        top = len(NOISE_SCALES)  # the router's own top-k candidate
+        window.append(dict(loss=main.item(), budget=reg.item(), mean_kl=kl.mean().item(),
+                           router_kl=kl[:, top].mean().item(), best_kl=kl.min(1).values.mean().item()))
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            entry = {"step": done, **{k: sum(w[k] for w in window) / len(window) for k in window[0]}}
+            log.append(entry)
+            window = []
+            bar.set_postfix(loss=f"{entry['loss']:.3f}", router_kl=f"{entry['router_kl']:.3f}", mean_kl=f"{entry['mean_kl']:.3f}")
+        if done % cfg.save_every == 0 or done == cfg.steps or done == stop_after:
+            save_state(done)
+        if done == stop_after:
+            bar.close()
+            return None
+    bar.close()
+    elapsed += time.perf_counter() - t_start
+    router.eval()
+    record = dict(train=asdict(cfg), budgets=budgets, seconds=elapsed, threads=torch.get_num_threads(),
+                  parameters=sum(p.numel() for p in params), log=log)
+    save_router(router, out, record)
+    return record

@@ -1,0 +1,199 @@
+"""PAR: the router, its plans, candidate flows and KL, the self-supervised trainer and its checkpoints."""
+
+import json
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import vlmprune
+from conftest import make_batch, sample_inputs
+from vlmprune.methods.par import PAR, PARLayers, PARTokens, Router, RouterConfig, RouterTrainConfig, save_router, train_router
+from vlmprune.methods.par.flows import candidate_masks, flow_kl, plan_from_masks, repeat_prepared, teacher_pass, top_mask
+from vlmprune.methods.par.train import preference_loss, selection_gap
+
+
+def _router_dir(tmp_path, pm, seed=0, **overrides):
+    torch.manual_seed(seed)
+    router = Router(RouterConfig.for_model(pm, **overrides))
+    with torch.no_grad():  # spread the scores so the top-k is well defined
+        router.token_head.weight.normal_(0, 1.0)
+        router.layer_head.weight.normal_(0, 1.0)
+    return save_router(router, tmp_path / "router"), router
+
+
+def test_selection_gap_is_the_bernoulli_log_likelihood_difference():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 12, generator=gen)
+    win = top_mask(torch.randn(5, 12, generator=gen), torch.full((5,), 4))
+    lose = top_mask(torch.randn(5, 12, generator=gen), torch.full((5,), 4))
+
+    def loglik(mask):
+        return (mask * torch.nn.functional.logsigmoid(logits) + (~mask) * torch.nn.functional.logsigmoid(-logits)).sum(-1)
+
+    swapped = (win ^ lose).sum(-1) / 2
+    expected = (loglik(win) - loglik(lose)) / swapped.clamp(min=1)
+    torch.testing.assert_close(selection_gap(logits, win, lose), expected)
+    assert top_mask(torch.tensor([[0.1, 3.0, -1.0, 2.0]]), torch.tensor([2])).tolist() == [[False, True, False, True]]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_par_plan_is_the_routers_top_k_and_runs_physically(tiny_models, family, tmp_path):
+    model = tiny_models(family)
+    pm = vlmprune.wrap(model)
+    batch = make_batch(family, model, [3, 6], [4, 2], "left")
+    path, router = _router_dir(tmp_path, pm)
+    par = PAR.load(path, tokens=0.25, layers=0.5)
+    prep = pm.prepare(**batch.kwargs())
+    with torch.no_grad():
+        scores = router(prep, 0.25, 0.5)
+    out = pm(**batch.kwargs(), prune=par)
+    plan = out.stats.plan
+    for b, n in enumerate(batch.n_visual):
+        k = max(1, round(0.25 * n))
+        expected = set(scores.token_logits[b, :n].topk(k).indices.tolist())
+        assert set(plan.keep[0][b].tolist()) == expected
+        assert int(out.stats.visual_tokens[b, 0]) == k  # the dropped tokens left the sequence
+        skipped = set(scores.layer_logits[b].topk(3, largest=False).indices.tolist())
+        assert set(plan.skip[b]) == skipped
+        assert not out.stats.layers_run[b, sorted(skipped)].any() and int(out.stats.layers_run[b].sum()) == 3
+    # token-only and layer-only versions of the same router
+    tok = pm(**batch.kwargs(), prune=PAR.load(path, tokens=0.5, layers=1))
+    assert isinstance(PAR.load(path, tokens=0.5, layers=1), PARTokens) and tok.stats.layers_run.all()
+    lay = pm(**batch.kwargs(), prune=PAR.load(path, tokens=1, layers=0.5))
+    assert lay.stats.visual_tokens[:, -1].tolist() == batch.n_visual and lay.stats.layers_run.sum(1).tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_par_batch_equals_alone_and_holds_through_decoding(tiny_models, family, tmp_path):
+    model = tiny_models(family)
+    pm = vlmprune.wrap(model)
+    batch = make_batch(family, model, [2, 7], [5, 1], "left", seed=3)
+    path, _ = _router_dir(tmp_path, pm, seed=1)
+    par = PAR.load(path, tokens=0.25, layers=0.67)
+    together = pm.generate(**batch.kwargs(), prune=par, max_new_tokens=5, return_dict=True)
+    for b in range(2):
+        alone_inputs = sample_inputs(family, batch, b)
+        alone = pm.generate(**alone_inputs.kwargs(), prune=par, max_new_tokens=5, return_dict=True)
+        assert together.sequences[b, -5:].tolist() == alone.sequences[0, -5:].tolist()
+        for step in range(5):
+            torch.testing.assert_close(together.scores[step][b], alone.scores[step][0], atol=2e-4, rtol=1e-4)
+    # every decode step kept the prefill's decision: skipped layers cache nothing, others hold the kept tokens
+    stats = together.stats
+    for b in range(2):
+        skipped = sorted(stats.plan.skip[b])
+        assert skipped and (stats.kv_entries[b, skipped] == 0).all()
+        ran = [i for i in range(pm.n_layers) if i not in skipped]
+        n_text = int(batch.attention_mask[b].sum()) - batch.n_visual[b]
+        kept = max(1, round(0.25 * batch.n_visual[b]))
+        # the prompt's text, the kept visual tokens and the 4 decoded tokens fed back (the 5th is not)
+        assert (stats.kv_entries[b, ran] == n_text + kept + 4).all()
+
+
+def test_router_flops_are_counted_and_priced(tiny_models, tmp_path):
+    model = tiny_models("llava")
+    pm = vlmprune.wrap(model)
+    batch = make_batch("llava", model, [3], [4])
+    path, router = _router_dir(tmp_path, pm)
+    prep = pm.prepare(**batch.kwargs())
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # attention as counted matmuls
+        router(prep, 0.25, 0.5)
+    measured = counter.get_total_flops() / 2
+    assert abs(float(router.macs(prep)[0]) - measured) / measured < 0.03
+    out = pm(**batch.kwargs(), prune=PAR.load(path, tokens=0.25, layers=0.5))
+    report = vlmprune.flops(pm, out.stats)
+    assert float(report.scoring[0]) == pytest.approx(2 * float(router.macs(prep)[0]))
+    budgeted = vlmprune.AtFlops(PAR.load(path, tokens=0.25, layers=0.5), share=0.5).resolve(pm, prep)
+    run = pm(**batch.kwargs(), prune=budgeted.method)
+    assert vlmprune.flops(pm, run.stats).batch_share == pytest.approx(budgeted.share)
+
+
+def test_flow_kl_matches_separate_runs(tiny_models):
+    model = tiny_models("llava")
+    pm = vlmprune.wrap(model)
+    batch = make_batch("llava", model, [3, 5], [4, 2], "left")
+    prep = pm.prepare(**batch.kwargs())
+    teacher = teacher_pass(pm, prep)
+    torch.testing.assert_close(teacher.log_probs, pm(**batch.kwargs()).last_logits.log_softmax(-1))
+    gen = torch.Generator().manual_seed(0)
+    logits, layer_logits = torch.randn(2, 16, generator=gen), torch.randn(2, 6, generator=gen)
+    tokens, layers = candidate_masks(teacher, logits, layer_logits, torch.tensor([4, 8]), torch.tensor([4, 5]), 1, gen)
+    c = tokens.shape[1]
+    assert tokens.sum(-1)[0].eq(4).all() and tokens.sum(-1)[1].eq(8).all() and layers.sum(-1)[1].eq(5).all()
+    plan = plan_from_masks(tokens.flatten(0, 1), layers.flatten(0, 1), 0, True, True)
+    kl = flow_kl(pm, repeat_prepared(prep, c), plan, teacher.log_probs.repeat_interleave(c, 0)).view(2, c)
+    for b in range(2):
+        for j in (0, c - 1):
+            single = vlmprune.Plan(keep={0: [tokens[b, j].nonzero().squeeze(1)]}, skip=[(~layers[b, j]).nonzero().squeeze(1).tolist()])
+            alone = sample_inputs("llava", batch, b)
+            pruned = pm(**alone.kwargs(), prune=single).last_logits.log_softmax(-1)[0]
+            expected = (teacher.log_probs[b].exp() * (teacher.log_probs[b] - pruned)).sum()
+            assert float(kl[b, j]) == pytest.approx(float(expected), abs=1e-4)
+    empty = vlmprune.Plan(keep={0: [torch.arange(n) for n in batch.n_visual]})
+    assert flow_kl(pm, prep, empty, teacher.log_probs).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_router_trains_and_its_loss_falls_on_a_fixed_batch(tiny_models, family, tmp_path):
+    model = tiny_models(family)
+    pm = vlmprune.wrap(model)
+    batch = make_batch(family, model, [3, 6], [4, 2], "left")
+    prep = pm.prepare(**batch.kwargs())
+    teacher = teacher_pass(pm, prep)
+    torch.manual_seed(0)
+    router = Router(RouterConfig.for_model(pm))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        first = router(prep, 0.25, 0.5)
+    keep = torch.tensor([max(1, round(0.25 * n)) for n in batch.n_visual])
+    tokens, layers = candidate_masks(teacher, first.token_logits, first.layer_logits, keep, torch.tensor([3, 3]), 2, gen)
+    c = tokens.shape[1]
+    plan = plan_from_masks(tokens.flatten(0, 1), layers.flatten(0, 1), 0, True, True)
+    kl = flow_kl(pm, repeat_prepared(prep, c), plan, teacher.log_probs.repeat_interleave(c, 0)).view(2, c)
+    opt = torch.optim.AdamW(router.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        out = router(prep, 0.25, 0.5)
+        loss = preference_loss(out.token_logits, out.layer_logits, tokens, layers, kl, beta=2.0, margin=0.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+    # the whole trainer: a few steps, saved, resumable, and its router gives valid plans
+    cfg = RouterTrainConfig(out=str(tmp_path / "par"), steps=4, batch_size=2, save_every=2, log_every=2)
+    assert train_router(cfg, pm=pm, progress=False, stop_after=2, batches=[batch.kwargs()]) is None
+    record = train_router(cfg, pm=pm, progress=False, batches=[batch.kwargs()])
+    assert [e["step"] for e in record["log"]] == [2, 4]
+    info = json.loads((tmp_path / "par" / "router.json").read_text())
+    assert info["config"]["n_layers"] == 6 and info["train"]["steps"] == 4
+    out = pm(**batch.kwargs(), prune=PAR.load(tmp_path / "par", tokens=0.5, layers=0.5))
+    out.stats.plan.validate(6, batch.n_visual)
+    assert out.stats.layers_run.sum(1).tolist() == [3, 3]
+
+
+def test_par_bad_inputs(tiny_models, tmp_path):
+    llava, qwen = vlmprune.wrap(tiny_models("llava")), vlmprune.wrap(tiny_models("qwen2_vl"))
+    batch = make_batch("qwen2_vl", qwen.model, [3], [4])
+    path, _ = _router_dir(tmp_path, llava)
+    with pytest.raises(vlmprune.VlmpruneError, match="trained for a llava model"):
+        qwen(**batch.kwargs(), prune=PAR.load(path))
+    for bad in (0, 1.5, -0.2):
+        with pytest.raises(vlmprune.VlmpruneError, match=r"outside \(0, 1\]"):
+            PAR.load(path, tokens=0.25, layers=bad)
+    with pytest.raises(vlmprune.VlmpruneError, match=r"outside \(0, 1\]"):
+        PAR(router=str(path), keep=1.5)
+    with pytest.raises(vlmprune.VlmpruneError, match="is not a PAR router"):
+        PAR.load(tmp_path / "nowhere")
+    (path / "router.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(vlmprune.VlmpruneError, match="corrupt"):
+        PAR.load(path)
+    (path / "router.json").write_text("{broken")
+    with pytest.raises(vlmprune.VlmpruneError, match="corrupt"):
+        PAR.load(path)
+    with pytest.raises(vlmprune.VlmpruneError, match="needs a trained router"):
+        llava(**make_batch("llava", llava.model, [3], [4]).kwargs(), prune=PARLayers(keep_layers=3))
+    with pytest.raises(vlmprune.VlmpruneError, match=r"--tokens 0 is outside"):
+        RouterTrainConfig(out="x", tokens=0)
