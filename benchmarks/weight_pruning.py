@@ -117,7 +117,7 @@ def run_grid(task, settings: list[str], methods: list[str], path: Path, seed: in
             result["rows"][key] = dict(
                 method=name, setting=setting, quality=quality, seconds=report.seconds, wall_seconds=wall,
                 allocation_seconds=report.allocation_seconds, peak_memory_bytes=report.peak_memory_bytes,
-                overall_sparsity=report.overall, score_samples=report.score_samples,
+                overall_sparsity=report.overall, score_samples=report.score_samples, score_directions=report.score_directions,
                 allocated_range=[min(report.allocated.values()), max(report.allocated.values())],
             )
             write_json(path, result)

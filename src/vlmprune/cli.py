@@ -31,7 +31,8 @@ def _decision(args: argparse.Namespace, pm=None):
         return parse_plan(args.plan, args.skip)
     from .methods.registry import configure
 
-    options = dict(keep=_keep(args.keep), layer=args.layer, keep_layers=args.keep_layers, seed=args.seed)
+    options = dict(keep=_keep(args.keep), layer=args.layer, keep_layers=args.keep_layers, seed=args.seed,
+                   router=args.router, layers=args.layers)
     flops = getattr(args, "flops", None)
     if flops is not None:
         options.update(_flops_placeholder(args))
@@ -85,6 +86,8 @@ def _add_decision_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", type=int, help="the decoder layer a token method acts at")
     parser.add_argument("--keep-layers", type=int, help="decoder layers a layer method keeps")
     parser.add_argument("--seed", type=int, help="seed for random methods")
+    parser.add_argument("--router", help="a trained PAR router directory (methods par, par-tokens, par-layers)")
+    parser.add_argument("--layers", type=float, help="PAR: share of decoder layers kept, in (0, 1]")
     parser.add_argument("--flops", type=float, help="run the method at this share in (0, 1] of the full LM prefill "
                         "FLOPs: its --keep / --keep-layers is chosen per batch to come closest")
     parser.add_argument("--calib", type=int, default=64, help="calibration scenes for methods that need them (ShortGPT)")
@@ -139,8 +142,9 @@ def format_vqa(result) -> str:
 def _cmd_sweep(args: argparse.Namespace) -> None:
     from .eval.sweep import sweep
 
+    options = {"router": args.router} if args.router else None
     res = sweep(args.model, args.methods, args.keep, args.out, limit=args.limit, batch_size=args.batch_size,
-                seed=args.seed, latency=not args.no_latency)
+                seed=args.seed, latency=not args.no_latency, options=options)
     print(res.table_md.read_text(), end="")
     print(f"{res.computed} point(s) computed, {res.reused} reused -> {res.results_json}, {res.table_md}, {res.pareto_png}")
 
@@ -173,12 +177,33 @@ def _cmd_testbed_train(args: argparse.Namespace) -> None:
     print(f"model: {args.out}/model  record: {args.out}/training.json")
 
 
+def _cmd_router_train(args: argparse.Namespace) -> None:
+    import torch
+
+    from .methods.par import RouterTrainConfig, train_router
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = dict(steps=args.steps, batch_size=args.batch_size, loss=args.loss, lr=args.lr, token_layer=args.token_layer,
+                   width=args.width, depth=args.depth)
+    cfg = RouterTrainConfig(out=args.out, model=args.model, tokens=args.tokens, layers=args.layers, seed=args.seed,
+                            sample_budgets=not args.fixed_budget, **{k: v for k, v in options.items() if v is not None})
+    record = train_router(cfg, stop_after=args.stop_after)
+    if record is None:
+        print(f"stopped after step {args.stop_after}; state in {args.out}/state (run again to resume)")
+        return
+    last = record["log"][-1]
+    print(f"trained in {record['seconds'] / 60:.1f} min; last {cfg.log_every} steps: router KL {last['router_kl']:.4f}, "
+          f"candidates' mean KL {last['mean_kl']:.4f}")
+    print(f"router: {args.out} (router.safetensors, router.json); use it with --method par --router {args.out}")
+
+
 def _cmd_prune_weights(args: argparse.Namespace) -> None:
     from .weights import WeightPruneConfig, calibration_batches, check_out_dir, load_for_pruning, prune_weights, save_pruned
 
     patterns = [p.strip() for p in args.patterns.split(",")] if args.patterns else None
     config = WeightPruneConfig(args.method, args.local, args.sparsity, args.nm, args.order, args.granularity, args.cap,
-                               patterns, args.seed, args.score_samples)
+                               patterns, args.seed, args.score_samples, args.score_tokens)
     check_out_dir(args.out, args.overwrite)  # validate before the slow load, so bad input fails fast
     model, processor = load_for_pruning(args.model)
     batches = calibration_batches(model, processor, args.calib, seed=args.seed)
@@ -236,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--batch-size", type=int, default=32)
     sw.add_argument("--seed", type=int, default=0, help="seed for random methods")
     sw.add_argument("--no-latency", action="store_true", help="skip the latency and memory measurement")
+    sw.add_argument("--router", help="a trained PAR router directory (for par, par-tokens, par-layers)")
     sw.set_defaults(func=_cmd_sweep)
 
     pw = sub.add_parser("prune-weights", help="prune weights (allocation x local pruner) and save a transformers checkpoint")
@@ -250,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     pw.add_argument("--cap", type=float, default=0.1, help="largest deviation of a unit's sparsity from the target")
     pw.add_argument("--score-samples", type=int, help="calibration samples ECoFLaP's scores use (default: 4 for "
                     "zeroth order, all for first)")
+    pw.add_argument("--score-tokens", type=int, default=64, help="zeroth order: cut each text sample into pieces of "
+                    "this many tokens, one random direction each (0: whole samples)")
     pw.add_argument("--patterns", help="comma-separated module-name patterns of the linears to prune (default: all in blocks)")
     pw.add_argument("--calib", type=int, default=64, help="calibration samples: FashionScenes training scenes for a VLM, "
                     "128-token slices of CPython's pydoc topics for a causal LM")
@@ -257,6 +285,26 @@ def build_parser() -> argparse.ArgumentParser:
     pw.add_argument("--out", required=True, help="output directory for the pruned checkpoint")
     pw.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     pw.set_defaults(func=_cmd_prune_weights)
+
+    router = sub.add_parser("router", help="PAR: train the meta-router that picks visual tokens and layers")
+    router_sub = router.add_subparsers(dest="router_command", required=True)
+    rt = router_sub.add_parser("train", help="self-supervised training (resumes from OUT/state if present)")
+    rt.add_argument("--model", default="testbed", help="checkpoint directory or 'testbed' (FashionScenes training scenes)")
+    rt.add_argument("--tokens", type=float, default=0.25, help="share of visual tokens kept the router is trained for")
+    rt.add_argument("--layers", type=float, default=0.75, help="share of decoder layers kept the router is trained for")
+    rt.add_argument("--fixed-budget", action="store_true", help="train at --tokens/--layers only (default: sample budgets too)")
+    rt.add_argument("--loss", help="preference (default) or distill (the ablation)")
+    rt.add_argument("--steps", type=int, help="optimizer steps (default 400)")
+    rt.add_argument("--batch-size", type=int, help="scenes per step (default 8)")
+    rt.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    rt.add_argument("--token-layer", type=int, help="decoder layer K from which dropped visual tokens are gone (default 0)")
+    rt.add_argument("--width", type=int, help="router width (default 64)")
+    rt.add_argument("--depth", type=int, help="router transformer layers (default 1)")
+    rt.add_argument("--seed", type=int, default=0)
+    rt.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    rt.add_argument("--stop-after", type=int, help="stop (saving the state) after this many steps")
+    rt.add_argument("--out", required=True, help="output directory (router.safetensors, router.json, state/)")
+    rt.set_defaults(func=_cmd_router_train)
 
     demo = sub.add_parser("demo", help="run the main job on the embedded default and print a table")
     demo.add_argument("--seed", type=int, default=0)

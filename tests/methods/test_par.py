@@ -197,3 +197,23 @@ def test_par_bad_inputs(tiny_models, tmp_path):
         llava(**make_batch("llava", llava.model, [3], [4]).kwargs(), prune=PARLayers(keep_layers=3))
     with pytest.raises(vlmprune.VlmpruneError, match=r"--tokens 0 is outside"):
         RouterTrainConfig(out="x", tokens=0)
+
+
+
+def test_router_cli_trains_on_the_testbed_and_serves_eval(tmp_path, capsys):
+    from vlmprune.cli import main
+    from vlmprune.testbed import data
+
+    if not data.DEFAULT_ROOT.exists():
+        pytest.skip("needs the Debian package dataset-fashion-mnist")
+    out = tmp_path / "router"
+    assert main(["router", "train", "--out", str(out), "--steps", "2", "--batch-size", "2"]) == 0
+    assert "router:" in capsys.readouterr().out
+    assert main(["router", "train", "--out", str(out), "--steps", "2"]) == 2  # refuses to overwrite
+    assert "already holds a trained router" in capsys.readouterr().err
+    assert main(["eval", "--method", "par", "--router", str(out), "--keep", "0.25", "--layers", "0.67", "--limit", "8"]) == 0
+    assert "visual tokens 144 -> 36.0, layers run 4.00" in capsys.readouterr().out
+    assert main(["eval", "--method", "par-layers", "--router", str(out), "--flops", "0.5", "--limit", "8"]) == 0
+    assert "layers run 3.00" in capsys.readouterr().out
+    assert main(["eval", "--method", "par", "--limit", "8"]) == 2
+    assert "needs a trained router" in capsys.readouterr().err

@@ -233,7 +233,29 @@ def test_zeroth_order_scores_each_sample_alone_and_reports_the_samples_used():
     first = prune_weights(_llama(), batches, method="ecoflap", order="first", sparsity=0.5, progress=False)
     uniform = prune_weights(_llama(), batches, sparsity=0.5, progress=False)
     assert (zeroth.score_samples, first.score_samples, uniform.score_samples) == (4, 5, None)
+    assert (zeroth.score_directions, first.score_directions) == (4, None)  # 9-token rows: shorter than 2 pieces
     assert zeroth.allocation_seconds > 0 and zeroth.seconds > zeroth.allocation_seconds and zeroth.peak_memory_bytes > 0
+
+
+def test_zeroth_order_cuts_text_samples_into_pieces_with_a_direction_each():
+    """Pieces of `score_tokens` tokens tile each one-sample text batch in order (a short tail joins the
+    last piece); image batches stay whole; the report counts one direction per piece."""
+    from vlmprune.weights.prune import _pieces
+
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 200, (1, 23), generator=gen)
+    row = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    pieces = _pieces([row], 8)
+    assert [p["input_ids"].shape[1] for p in pieces] == [8, 8, 7]
+    assert torch.equal(torch.cat([p["input_ids"] for p in pieces], 1), ids)
+    assert [p["input_ids"].shape[1] for p in _pieces([dict(input_ids=ids[:, :19], attention_mask=torch.ones(1, 19))], 8)] == [8, 11]
+    image = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.zeros(1, 3, 4, 4))
+    assert _pieces([image], 8) == [image] and _pieces([row], 0) == [row]
+    batches = [dict(input_ids=torch.randint(3, 200, (2, 20), generator=gen), attention_mask=torch.ones(2, 20, dtype=torch.long))]
+    report = prune_weights(_llama(), batches, method="ecoflap", sparsity=0.5, score_samples=2, score_tokens=5, progress=False)
+    assert (report.score_samples, report.score_directions) == (2, 8)
+    with pytest.raises(VlmpruneError, match="score_tokens"):
+        prune_weights(_llama(), batches, method="ecoflap", sparsity=0.5, score_tokens=-1, progress=False)
 
 
 @pytest.mark.parametrize("family, splits", [("llava", True), ("qwen2_vl", False)])

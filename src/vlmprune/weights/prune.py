@@ -54,6 +54,7 @@ ORDERS = ("zeroth", "first")
 GRANULARITIES = ("layer", "block")
 DEFAULT_SPARSITY = 0.5
 ZEROTH_SCORE_SAMPLES = 4  # ECoFLaP zeroth order: 2 forwards per block per sample, so few samples by default
+ZEROTH_SCORE_TOKENS = 64  # ... and each text sample cut into pieces of this many tokens, one direction each
 ROW_KEYS = {"input_ids", "attention_mask", "labels", "pixel_values", "image_sizes"}  # inputs that split by sample
 OWL_M = 5.0  # OWL's outlier threshold, in multiples of a unit's mean Wanda score
 
@@ -83,6 +84,9 @@ class WeightPruneConfig:
         `ZEROTH_SCORE_SAMPLES` for zeroth order (its cost grows with blocks x samples), all for first.
         Zeroth order scores each sample alone, with its own random direction, where the batch splits
         into samples (text; LLaVA images), so more directions average out at the same cost.
+    score_tokens: zeroth order cuts each (split) text sample into consecutive pieces of this many
+        tokens, each scored alone with its own direction: more directions from the same tokens at the
+        same cost (with image inputs, samples stay whole); 0: whole samples.
     """
 
     method: str = "uniform"
@@ -95,6 +99,7 @@ class WeightPruneConfig:
     patterns: tuple[str, ...] | None = None
     seed: int = 0
     score_samples: int | None = None
+    score_tokens: int = ZEROTH_SCORE_TOKENS
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
@@ -122,6 +127,8 @@ class WeightPruneConfig:
             isinstance(self.score_samples, bool) or not isinstance(self.score_samples, int) or self.score_samples < 1
         ):
             raise VlmpruneError(f"score_samples={self.score_samples!r} must be a positive int (or None for the default)")
+        if isinstance(self.score_tokens, bool) or not isinstance(self.score_tokens, int) or self.score_tokens < 0:
+            raise VlmpruneError(f"score_tokens={self.score_tokens!r} must be an int >= 0 (tokens per scored piece; 0: whole samples)")
 
     @property
     def target(self) -> float:
@@ -157,6 +164,7 @@ class SparsityReport:
     calibration_samples: int
     calibration_batches: int
     score_samples: int | None  # ECoFLaP: calibration samples its importance scores used
+    score_directions: int | None  # ECoFLaP zeroth order: random directions per block (one per scored piece)
     allocation_seconds: float  # the coarse step (scores and allocation)
     seconds: float  # allocation and local pruning together
     peak_memory_bytes: int  # growth above the memory in use before the call (the model's own weights excluded)
@@ -256,7 +264,7 @@ def _allocation(cfg: WeightPruneConfig, model, batches, stacks, linears, units) 
     params = [[linears[n].weight for n in names] for _, names in units]
     scored = _scored_batches(cfg, model, batches)
     if cfg.order == "zeroth":
-        scored = _split_samples(scored, getattr(model.config, "image_token_id", None))
+        scored = _zeroth_pieces(cfg, model, batches)
         suffix = SuffixLosses(model, scored, stacks, calibration_loss)
         where = [_block_of(stacks, names[0]) for _, names in units]
         totals = zeroth_order_scores(suffix.losses(), params, seed=cfg.seed, around_block=lambda k: suffix.skipping(*where[k]))
@@ -299,6 +307,7 @@ def prune_weights(
     patterns: str | Sequence[str] | None = None,
     seed: int = 0,
     score_samples: int | None = None,
+    score_tokens: int = ZEROTH_SCORE_TOKENS,
     progress: bool = True,
 ) -> SparsityReport:
     """Prune the model's linears in place (see the module docstring and `WeightPruneConfig` for the
@@ -309,7 +318,7 @@ def prune_weights(
     one forward per batch, ECoFLaP zeroth-order ``2 x units x score_samples`` one-sample forwards (each
     skipping the unperturbed blocks before the scored one, `suffix.py`), first-order one backward per
     batch."""
-    cfg = WeightPruneConfig(method, local, sparsity, nm, order, granularity, cap, patterns, seed, score_samples)
+    cfg = WeightPruneConfig(method, local, sparsity, nm, order, granularity, cap, patterns, seed, score_samples, score_tokens)
     model = _unwrap(model_or_pm)
     batches = _check_batches(calib_batches, needed=not (cfg.method == "uniform" and cfg.local == "magnitude"))
     device = next(model.parameters()).device
@@ -343,6 +352,7 @@ def prune_weights(
         calibration_samples=sum(int(b["input_ids"].shape[0]) for b in batches),
         calibration_batches=len(batches),
         score_samples=_score_samples(cfg, model, batches),
+        score_directions=len(_zeroth_pieces(cfg, model, batches)) if cfg.method == "ecoflap" and cfg.order == "zeroth" else None,
         allocation_seconds=times[0],
         seconds=times[1],
         peak_memory_bytes=peak,
@@ -355,6 +365,12 @@ def _scored_batches(cfg: WeightPruneConfig, model: nn.Module, batches: list[dict
     `ZEROTH_SCORE_SAMPLES` for zeroth order, all for first)."""
     n = cfg.score_samples or (ZEROTH_SCORE_SAMPLES if cfg.order == "zeroth" else None)
     return batches if n is None else _first_samples(batches, n, getattr(model.config, "image_token_id", None))
+
+
+def _zeroth_pieces(cfg: WeightPruneConfig, model: nn.Module, batches: list[dict]) -> list[dict]:
+    """What zeroth order scores, one random direction each: the scored samples alone, text cut into pieces."""
+    image_token_id = getattr(model.config, "image_token_id", None)
+    return _pieces(_split_samples(_scored_batches(cfg, model, batches), image_token_id), cfg.score_tokens)
 
 
 def _score_samples(cfg: WeightPruneConfig, model: nn.Module, batches: list[dict]) -> int | None:
@@ -408,6 +424,25 @@ def _split_samples(batches: list[dict], image_token_id: int | None) -> list[dict
                     if key in row:
                         row[key] = row[key][:, start:stop]
             out.append(row)
+    return out
+
+
+def _pieces(batches: list[dict], size: int) -> list[dict]:
+    """One-sample text batches cut into consecutive pieces of `size` tokens (a last piece shorter than
+    half of `size` joins the one before); batches with image inputs or several rows stay whole."""
+    if not size:
+        return batches
+    out = []
+    for batch in batches:
+        length = int(batch["input_ids"].shape[1])
+        if "pixel_values" in batch or batch["input_ids"].shape[0] != 1 or length < 2 * size:
+            out.append(batch)
+            continue
+        starts = list(range(0, length, size))
+        if length - starts[-1] < size / 2:
+            starts.pop()
+        for a, b in zip(starts, starts[1:] + [length]):
+            out.append({k: v[:, a:b] for k, v in batch.items()})
     return out
 
 
