@@ -38,7 +38,7 @@ MATCH = 0.03
 
 
 def ensure_router(path: Path, loss: str, steps: int) -> Path:
-    if not (path / "router.json").is_file() or (path / "state").is_dir():
+    if not (path / "router.json").is_file():
         record = train_router(RouterTrainConfig(out=str(path), loss=loss, steps=steps))
         print(f"trained {path} ({loss}) in {record['seconds'] / 60:.1f} min", flush=True)
     return path

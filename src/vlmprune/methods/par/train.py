@@ -152,7 +152,7 @@ def train_router(cfg: RouterTrainConfig, pm=None, progress: bool = True, stop_af
     from ...testbed.train import load_optimizer_tensors, optimizer_tensors
 
     out = Path(cfg.out)
-    if (out / CONFIG).is_file() and not (out / "state").is_dir():
+    if (out / CONFIG).is_file():  # written only when a run has finished
         raise VlmpruneError(f"{out} already holds a trained router; choose another --out or delete it")
     pm = pm if pm is not None else load(cfg.model)  # frozen: it only runs under no_grad
     if not 0 <= cfg.token_layer < pm.n_layers:
