@@ -121,7 +121,7 @@ def test_flow_kl_matches_separate_runs(tiny_models):
     tokens, layers = candidate_masks(teacher, logits, layer_logits, torch.tensor([4, 8]), torch.tensor([4, 5]), 1, gen)
     c = tokens.shape[1]
     assert tokens.sum(-1)[0].eq(4).all() and tokens.sum(-1)[1].eq(8).all() and layers.sum(-1)[1].eq(5).all()
-    plan = plan_from_masks(tokens.flatten(0, 1), layers.flatten(0, 1), 0, True, True)
+    plan = plan_from_masks(tokens.flatten(0, 1), layers.flatten(0, 1), 0)
     kl = flow_kl(pm, repeat_prepared(prep, c), plan, teacher.log_probs.repeat_interleave(c, 0)).view(2, c)
     for b in range(2):
         for j in (0, c - 1):
@@ -149,7 +149,7 @@ def test_router_trains_and_its_loss_falls_on_a_fixed_batch(tiny_models, family, 
     keep = torch.tensor([max(1, round(0.25 * n)) for n in batch.n_visual])
     tokens, layers = candidate_masks(teacher, first.token_logits, first.layer_logits, keep, torch.tensor([3, 3]), 2, gen)
     c = tokens.shape[1]
-    plan = plan_from_masks(tokens.flatten(0, 1), layers.flatten(0, 1), 0, True, True)
+    plan = plan_from_masks(tokens.flatten(0, 1), layers.flatten(0, 1), 0)
     kl = flow_kl(pm, repeat_prepared(prep, c), plan, teacher.log_probs.repeat_interleave(c, 0)).view(2, c)
     opt = torch.optim.AdamW(router.parameters(), lr=3e-3)
     losses = []

@@ -57,3 +57,13 @@ def test_recorded_quality_meets_the_targets():
 def test_whole_evaluation_set_reproduces_the_record(testbed):
     result = evaluate(testbed, eval_set(), progress=False)
     assert abs(result.accuracy - RECORD["full model"]["accuracy"]) <= 0.01
+
+
+def test_evaluate_reports_the_priced_share_with_scoring(testbed):
+    """`lm_share` is the accountant's share of the whole run (FastV's attention-row scoring included)."""
+    samples = eval_set(12)
+    method = vlmprune.FastV(layer=2, keep=0.25)
+    result = evaluate(testbed, samples, prune=method, batch_size=12, progress=False)
+    report = vlmprune.flops(testbed, testbed(**encode(samples, testbed.processor.tokenizer), prune=method).stats, vision=False)
+    assert result.lm_share == pytest.approx(report.batch_share) and float(report.scoring.sum()) > 0
+    assert evaluate(testbed, samples, progress=False).lm_share == pytest.approx(1.0)

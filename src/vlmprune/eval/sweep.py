@@ -41,6 +41,7 @@ from typing import Any, Sequence
 from tqdm.auto import tqdm
 
 from ..errors import VlmpruneError
+from ..methods.base import layer_count
 from ..files import write_json
 from ..pruned_model import PrunedModel
 from .latency import measure_latency
@@ -174,7 +175,7 @@ class _Runner:
             return None
         n_layers = self.pm.n_layers
         budget = (
-            {"keep_layers": max(1, math.floor(spec.keep * n_layers + 0.5))}
+            {"keep_layers": layer_count(spec.keep, n_layers)}
             if _is_layer_method(self.classes[spec.method])
             else {"keep": spec.keep}
         )

@@ -17,7 +17,7 @@ from ..engine.plan import Plan
 from ..pruned_model import PrunedModel
 from ..testbed import data
 from ..testbed.encode import encode
-from .flops import prefill_flops
+from .flops import flops as price, prefill_flops
 
 
 @dataclass
@@ -30,6 +30,7 @@ class VQAResult:
     layers_run: float  # mean decoder layers run
     lm_tflops: float  # mean language-model prefill TFLOPs per sample
     prefill_ms_per_sample: float  # wall time of the batched prefills / samples
+    lm_share: float = 1.0  # LM prefill cost with the method's scoring (router included) / the unpruned prefill
     chance: dict[str, float] = field(default_factory=dict)
     predictions: list[str] = field(default_factory=list, repr=False)
 
@@ -64,7 +65,7 @@ def evaluate(
     inv = {i: w for w, i in vocab.items()}
     correct: dict[str, list[bool]] = defaultdict(list)
     predictions: list[str] = []
-    vis_in = vis_kept = layers = flops = 0.0
+    vis_in = vis_kept = layers = flops = cost = full = 0.0
     seconds = 0.0
     cfg = pm.adapter.text_config
     for start in tqdm(range(0, len(samples), batch_size), desc="eval", disable=not progress, leave=False):
@@ -84,6 +85,9 @@ def evaluate(
         vis_kept += float(st.visual_tokens[:, -1].sum())
         layers += float(st.layers_run.sum())
         flops += float(prefill_flops(cfg, st).sum())
+        report = price(pm, st, vision=False)
+        cost += float((report.lm_prefill + report.scoring).sum())
+        full += float(report.lm_prefill_full.sum())
     n = len(samples)
     flat = [c for v in correct.values() for c in v]
     return VQAResult(
@@ -95,6 +99,7 @@ def evaluate(
         layers_run=layers / n,
         lm_tflops=flops / n / 1e12,
         prefill_ms_per_sample=seconds / n * 1e3,
+        lm_share=cost / full if full else 1.0,
         chance=data.chance_accuracy(samples),
         predictions=predictions,
     )

@@ -9,6 +9,7 @@ without running the model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -82,6 +83,11 @@ def check_layer(layer: int, n_layers: int, lowest: int = 0, what: str = "layer")
 def check_keep_layers(keep_layers: int) -> None:
     if isinstance(keep_layers, bool) or not isinstance(keep_layers, int) or keep_layers < 1:
         raise VlmpruneError(f"keep_layers must be a layer count >= 1, got {keep_layers!r}")
+
+
+def layer_count(share: float, n_layers: int) -> int:
+    """Layers kept for a share of `n_layers`: ``floor(share * n + 0.5)`` (halves round up), 1 .. n."""
+    return max(1, min(n_layers, math.floor(share * n_layers + 0.5)))
 
 
 def skip_all_but(ranking: torch.Tensor, keep_layers: int, n_layers: int) -> list[int]:

@@ -262,13 +262,13 @@ def _allocation(cfg: WeightPruneConfig, model, batches, stacks, linears, units) 
             lod += owl_scores([scores], m=OWL_M)
         return owl_sparsities(lod, target, lam=cfg.cap, sizes=sizes)
     params = [[linears[n].weight for n in names] for _, names in units]
-    scored = _scored_batches(cfg, model, batches)
     if cfg.order == "zeroth":
         scored = _zeroth_pieces(cfg, model, batches)
         suffix = SuffixLosses(model, scored, stacks, calibration_loss)
         where = [_block_of(stacks, names[0]) for _, names in units]
         totals = zeroth_order_scores(suffix.losses(), params, seed=cfg.seed, around_block=lambda k: suffix.skipping(*where[k]))
     else:
+        scored = _scored_batches(cfg, model, batches)
         totals = first_order_scores([functools.partial(calibration_loss, model, b) for b in scored], params)
     return allocate([t / n for t, n in zip(totals, sizes)], target, cap=cfg.cap, sizes=sizes)
 

@@ -137,11 +137,11 @@ def candidate_masks(
     return token_masks, layer_masks
 
 
-def plan_from_masks(token_masks: torch.Tensor, layer_masks: torch.Tensor, token_layer: int, tokens: bool, layers: bool) -> Plan:
+def plan_from_masks(token_masks: torch.Tensor, layer_masks: torch.Tensor, token_layer: int) -> Plan:
     """One plan row per flow (``[N, Vmax]`` / ``[N, n_layers]`` masks): kept visual tokens from
-    `token_layer` on (if `tokens`), skipped layers (if `layers`)."""
-    keep = {token_layer: [row.nonzero().squeeze(1).cpu() for row in token_masks]} if tokens else {}
-    skip = [(~row).nonzero().squeeze(1).tolist() for row in layer_masks] if layers else ()
+    `token_layer` on, skipped layers."""
+    keep = {token_layer: [row.nonzero().squeeze(1).cpu() for row in token_masks]}
+    skip = [(~row).nonzero().squeeze(1).tolist() for row in layer_masks]
     return Plan(keep=keep, skip=skip)
 
 

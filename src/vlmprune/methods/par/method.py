@@ -6,7 +6,6 @@ decoder layers), ``par-tokens`` (tokens only) and ``par-layers`` (layers only, `
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,15 +13,10 @@ import torch
 
 from ...engine.plan import Plan
 from ...errors import VlmpruneError
-from ..base import check_keep, check_keep_layers, keep_count
+from ..base import check_keep, check_keep_layers, keep_count, layer_count
 from ..registry import register_method
 from .checkpoint import load_router
 from .router import Router, RouterOutput
-
-
-def layer_count(share: float, n_layers: int) -> int:
-    """Layers kept for a share in (0, 1]: ``floor(share * n + 0.5)``, at least 1."""
-    return max(1, min(n_layers, math.floor(share * n_layers + 0.5)))
 
 
 def check_share(value, what: str) -> float:

@@ -22,10 +22,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ...errors import VlmpruneError
-from ...files import write_dir, write_json
+from ...files import write_dir
 from .checkpoint import CONFIG, save_router
+from ..base import keep_count, layer_count
 from .flows import NOISE_SCALES, candidate_masks, flow_kl, plan_from_masks, repeat_prepared, teacher_pass
-from .method import layer_count
 from .router import Router, RouterConfig
 
 LOSSES = ("preference", "distill")
@@ -195,18 +195,18 @@ def train_router(cfg: RouterTrainConfig, pm=None, progress: bool = True, stop_af
             teacher = teacher_pass(pm, prep, cfg.score_layer)
         batch = prep.input_ids.shape[0]
         pick = torch.randint(len(budgets), (batch,), generator=gen)
-        token_share = torch.tensor([budgets[i][0] for i in pick.tolist()])
-        layer_share = torch.tensor([budgets[i][1] for i in pick.tolist()])
-        n_visual = torch.tensor(prep.n_visual)
-        keep_tokens = torch.clamp(torch.round(token_share * n_visual), min=1).long()
-        keep_layers = torch.tensor([layer_count(float(s), n_layers) for s in layer_share])
+        chosen = [budgets[i] for i in pick.tolist()]
+        keep_tokens = torch.tensor([keep_count(t, n) for (t, _), n in zip(chosen, prep.n_visual)])
+        keep_layers = torch.tensor([layer_count(l, n_layers) for _, l in chosen])
 
+        token_share = torch.tensor([t for t, _ in chosen])
+        layer_share = torch.tensor([l for _, l in chosen])
         router.train()
         out_r = router(prep, token_share, layer_share)
         token_masks, layer_masks = candidate_masks(
             teacher, out_r.token_logits, out_r.layer_logits, keep_tokens, keep_layers, cfg.router_samples, gen)
         c = token_masks.shape[1]
-        flows = plan_from_masks(token_masks.flatten(0, 1), layer_masks.flatten(0, 1), cfg.token_layer, True, True)
+        flows = plan_from_masks(token_masks.flatten(0, 1), layer_masks.flatten(0, 1), cfg.token_layer)
         kl = flow_kl(pm, repeat_prepared(prep, c), flows, teacher.log_probs.repeat_interleave(c, 0)).view(batch, c)
 
         if cfg.loss == "preference":
