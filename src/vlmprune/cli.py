@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--loss", help="preference (default) or distill (the ablation)")
     rt.add_argument("--steps", type=int, help="optimizer steps (default 400)")
     rt.add_argument("--batch-size", type=int, help="scenes per step (default 8)")
-    rt.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    rt.add_argument("--lr", type=float, help="learning rate (default 3e-3)")
     rt.add_argument("--token-layer", type=int, help="decoder layer K from which dropped visual tokens are gone (default 0)")
     rt.add_argument("--width", type=int, help="router width (default 64)")
     rt.add_argument("--depth", type=int, help="router transformer layers (default 1)")

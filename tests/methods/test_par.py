@@ -10,7 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import vlmprune
 from conftest import make_batch, sample_inputs
 from vlmprune.methods.par import PAR, PARLayers, PARTokens, Router, RouterConfig, RouterTrainConfig, save_router, train_router
-from vlmprune.methods.par.flows import candidate_masks, flow_kl, plan_from_masks, repeat_prepared, teacher_pass, top_mask
+from vlmprune.methods.par.flows import candidate_masks, flow_kl, plan_from_masks, repeat_prepared, stratified_scores, teacher_pass, top_mask
+from vlmprune.methods.par.router import RouterOutput
 from vlmprune.methods.par.train import preference_loss, selection_gap
 
 
@@ -21,6 +22,47 @@ def _router_dir(tmp_path, pm, seed=0, **overrides):
         router.token_head.weight.normal_(0, 1.0)
         router.layer_head.weight.normal_(0, 1.0)
     return save_router(router, tmp_path / "router"), router
+
+
+def _balanced_reference(logits: list[float], grid, k: int) -> set[int]:
+    """Brute force: cut the grid into squares of side round(sqrt(n / k)) (or the sequence into runs of
+    n // k), then take rounds of each tile's next-best token, best tiles first, until k are kept."""
+    n = len(logits)
+    if grid is not None and grid[0] * grid[1] == n:
+        side = max(1, round((n / k) ** 0.5))
+        tile_of = [(i // grid[1] // side, i % grid[1] // side) for i in range(n)]
+    else:
+        tile_of = [i // max(1, n // k) for i in range(n)]
+    members: dict = {}
+    for i in range(n):
+        members.setdefault(tile_of[i], []).append(i)
+    ranked = [sorted(m, key=lambda i: -logits[i]) for m in members.values()]
+    kept: list[int] = []
+    for r in range(max(len(m) for m in ranked)):
+        kept += sorted((m[r] for m in ranked if len(m) > r), key=lambda i: -logits[i])
+    return set(kept[:k])
+
+
+def test_balanced_selection_keeps_each_tiles_best_token_first():
+    gen = torch.Generator().manual_seed(0)
+    for grid, n, k in [((4, 4), 16, 4), ((12, 12), 144, 36), ((12, 12), 144, 16), ((6, 8), 48, 10), (None, 20, 6), ((3, 5), 15, 15)]:
+        logits = torch.randn(1, n, generator=gen)
+        out = RouterOutput(logits, torch.zeros(1, 3), [n], [grid])
+        chosen = set(out.selection_scores(torch.tensor([k]))[0].topk(k).indices.tolist())
+        assert chosen == _balanced_reference(logits[0].tolist(), grid, k)
+    # a 4x4 grid and 4 tokens: one per 2x2 quadrant; the plain router keeps its top 4 wherever they are
+    logits = torch.zeros(1, 16)
+    logits[0, [0, 1, 4, 5]] = 5.0  # the four best all in the top-left quadrant
+    balanced = RouterOutput(logits, torch.zeros(1, 3), [16], [(4, 4)])
+    quadrants = {(i // 4 // 2, i % 4 // 2) for i in balanced.selection_scores(torch.tensor([4]))[0].topk(4).indices.tolist()}
+    assert len(quadrants) == 4
+    plain = RouterOutput(logits, torch.zeros(1, 3), [16], [(4, 4)], balanced=False)
+    assert set(plain.selection_scores(torch.tensor([4]))[0].topk(4).indices.tolist()) == {0, 1, 4, 5}
+    # stratified random samples cover every tile, and differ from draw to draw
+    draws = top_mask(stratified_scores([144] * 2, [(12, 12)] * 2, torch.tensor([36, 36]), gen, 144), torch.tensor([36, 36]))
+    for row in draws:
+        assert len({(i // 12 // 2, i % 12 // 2) for i in row.nonzero().squeeze(1).tolist()}) == 36
+    assert not torch.equal(draws[0], draws[1])
 
 
 def test_selection_gap_is_the_bernoulli_log_likelihood_difference():
@@ -39,11 +81,12 @@ def test_selection_gap_is_the_bernoulli_log_likelihood_difference():
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_par_plan_is_the_routers_top_k_and_runs_physically(tiny_models, family, tmp_path):
+@pytest.mark.parametrize("balanced", [True, False])
+def test_par_plan_is_the_routers_selection_and_runs_physically(tiny_models, family, balanced, tmp_path):
     model = tiny_models(family)
     pm = vlmprune.wrap(model)
     batch = make_batch(family, model, [3, 6], [4, 2], "left")
-    path, router = _router_dir(tmp_path, pm)
+    path, router = _router_dir(tmp_path, pm, balanced=balanced)
     par = PAR.load(path, tokens=0.25, layers=0.5)
     prep = pm.prepare(**batch.kwargs())
     with torch.no_grad():
@@ -52,7 +95,8 @@ def test_par_plan_is_the_routers_top_k_and_runs_physically(tiny_models, family, 
     plan = out.stats.plan
     for b, n in enumerate(batch.n_visual):
         k = max(1, round(0.25 * n))
-        expected = set(scores.token_logits[b, :n].topk(k).indices.tolist())
+        logits = scores.token_logits[b, :n]
+        expected = _balanced_reference(logits.tolist(), prep.visual_grids[b], k) if balanced else set(logits.topk(k).indices.tolist())
         assert set(plan.keep[0][b].tolist()) == expected
         assert int(out.stats.visual_tokens[b, 0]) == k  # the dropped tokens left the sequence
         skipped = set(scores.layer_logits[b].topk(3, largest=False).indices.tolist())
@@ -118,7 +162,8 @@ def test_flow_kl_matches_separate_runs(tiny_models):
     torch.testing.assert_close(teacher.log_probs, pm(**batch.kwargs()).last_logits.log_softmax(-1))
     gen = torch.Generator().manual_seed(0)
     logits, layer_logits = torch.randn(2, 16, generator=gen), torch.randn(2, 6, generator=gen)
-    tokens, layers = candidate_masks(teacher, logits, layer_logits, torch.tensor([4, 8]), torch.tensor([4, 5]), 1, gen)
+    routed = RouterOutput(logits, layer_logits, [16, 16], prep.visual_grids)
+    tokens, layers = candidate_masks(teacher, routed, torch.tensor([4, 8]), torch.tensor([4, 5]), 1, gen, stratified=2)
     c = tokens.shape[1]
     assert tokens.sum(-1)[0].eq(4).all() and tokens.sum(-1)[1].eq(8).all() and layers.sum(-1)[1].eq(5).all()
     plan = plan_from_masks(tokens.flatten(0, 1), layers.flatten(0, 1), 0)
@@ -147,7 +192,7 @@ def test_router_trains_and_its_loss_falls_on_a_fixed_batch(tiny_models, family, 
     with torch.no_grad():
         first = router(prep, 0.25, 0.5)
     keep = torch.tensor([max(1, round(0.25 * n)) for n in batch.n_visual])
-    tokens, layers = candidate_masks(teacher, first.token_logits, first.layer_logits, keep, torch.tensor([3, 3]), 2, gen)
+    tokens, layers = candidate_masks(teacher, first, keep, torch.tensor([3, 3]), 2, gen, stratified=2)
     c = tokens.shape[1]
     plan = plan_from_masks(tokens.flatten(0, 1), layers.flatten(0, 1), 0)
     kl = flow_kl(pm, repeat_prepared(prep, c), plan, teacher.log_probs.repeat_interleave(c, 0)).view(2, c)

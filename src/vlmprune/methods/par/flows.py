@@ -4,7 +4,10 @@ flow's KL divergence from the teacher, computed through the engine (physically p
 A flow is one selection per sample: a boolean mask over its visual tokens (kept from the router's
 token layer on) and one over the decoder layers (run or skipped). Candidates come from the teacher's
 attention (visual tokens) and Block Influence (layers) perturbed by Gumbel noise of several scales,
-and from the current router (its top-k and Gumbel-top-k samples of its logits).
+from the current router (its top-k and Gumbel-top-k samples of its logits), and from stratified
+random samples of the visual tokens (one random token per tile of the image grid, with the teacher's
+layers): flows that differ only in *which* token of each tile survives, so their KLs credit single
+positions instead of the image coverage that dominates the other candidates' differences.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from ...engine.plan import Plan
 from ...engine.runner import prefill
 from ...models.base import PreparedInputs
 from ..base import last_token_attention
+from .router import RouterOutput, balanced_scores
 
 NOISE_SCALES = (0.0, 0.5, 1.0, 2.0, 4.0, float("inf"))  # inf: a uniformly random selection
 
@@ -104,18 +108,27 @@ def _standardize(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return ((logs - mean) / std).masked_fill(~valid, float("-inf"))
 
 
+def stratified_scores(n_visual: list[int], grids, keep: torch.Tensor, generator: torch.Generator, width: int) -> torch.Tensor:
+    """``[B, width]`` scores whose top-``keep[b]`` is a stratified random sample of sample b's visual
+    tokens: one random token of every tile (`router.tiles`) before a second of any."""
+    return balanced_scores(torch.rand(len(n_visual), width, generator=generator), n_visual, grids, keep)
+
+
 def candidate_masks(
     teacher: Teacher,
-    token_logits: torch.Tensor,
-    layer_logits: torch.Tensor,
+    router: RouterOutput,
     keep_tokens: torch.Tensor,
     keep_layers: torch.Tensor,
     router_samples: int,
     generator: torch.Generator,
+    stratified: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(tokens [B, C, Vmax], layers [B, C, n_layers])`` bool masks of C candidate flows per sample:
-    one per `NOISE_SCALES` from the teacher's scores, the router's top-k, and `router_samples`
-    Gumbel-top-k samples of the router. `keep_tokens` / `keep_layers` ``[B]``: counts to keep."""
+    one per `NOISE_SCALES` from the teacher's scores, the router's own selection (at index
+    ``len(NOISE_SCALES)``), `router_samples` selections from Gumbel-perturbed router logits, and
+    `stratified` stratified random token samples with the teacher's top layers.
+    `keep_tokens` / `keep_layers` ``[B]``: counts to keep."""
+    token_logits, layer_logits = router.token_logits.detach(), router.layer_logits.detach()
     valid = torch.isfinite(token_logits)
     t_base = _standardize(teacher.token_scores.clamp(min=0), valid)
     l_base = _standardize(teacher.layer_scores.clamp(min=0), torch.ones_like(teacher.layer_scores, dtype=torch.bool))
@@ -126,11 +139,15 @@ def candidate_masks(
         l = l_noise if scale == float("inf") else l_base + scale * l_noise
         tokens.append(t.masked_fill(~valid, float("-inf")))
         layers.append(l)
-    tokens.append(token_logits.detach())
-    layers.append(layer_logits.detach())
+    tokens.append(router.selection_scores(keep_tokens))
+    layers.append(layer_logits)
     for _ in range(router_samples):
-        tokens.append(token_logits.detach() + gumbel(token_logits.shape, generator))
-        layers.append(layer_logits.detach() + gumbel(layer_logits.shape, generator))
+        noisy = token_logits + gumbel(token_logits.shape, generator).to(token_logits.device)
+        tokens.append(router.selection_scores(keep_tokens, noisy))
+        layers.append(layer_logits + gumbel(layer_logits.shape, generator).to(layer_logits.device))
+    for _ in range(stratified):
+        tokens.append(stratified_scores(router.n_visual, router.grids, keep_tokens, generator, valid.shape[1]).to(token_logits.device))
+        layers.append(l_base)
     t_scores, l_scores = torch.stack(tokens, 1), torch.stack(layers, 1)
     token_masks = top_mask(t_scores, keep_tokens[:, None].expand(-1, t_scores.shape[1])) & valid[:, None]
     layer_masks = top_mask(l_scores, keep_layers[:, None].expand(-1, l_scores.shape[1]))

@@ -26,11 +26,13 @@ def check_share(value, what: str) -> float:
 
 
 def plan_from_scores(out: RouterOutput, keep: float | int | None, layers: int | None, token_layer: int, overhead=0.0) -> Plan:
-    """Top-`keep` visual tokens (None: all) from `token_layer` on and the top-`layers` decoder layers
-    (None: all) of each sample, by the router's logits."""
+    """The router's `keep` visual tokens (None: all; tile-balanced top-k unless the router is plain)
+    from `token_layer` on and its top-`layers` decoder layers (None: all) of each sample."""
     stages, skip = {}, ()
     if keep is not None:
-        stages = {token_layer: [out.token_logits[b, :n].topk(keep_count(keep, n)).indices for b, n in enumerate(out.n_visual)]}
+        counts = torch.tensor([keep_count(keep, n) for n in out.n_visual])
+        scores = out.selection_scores(counts)
+        stages = {token_layer: [scores[b, :n].topk(int(counts[b])).indices for b, n in enumerate(out.n_visual)]}
     if layers is not None:
         n_layers = out.layer_logits.shape[1]
         skip = [sorted(row.topk(n_layers - layers, largest=False).indices.tolist()) for row in out.layer_logits]

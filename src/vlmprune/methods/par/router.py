@@ -7,12 +7,19 @@ original positions (every RoPE axis) and, for visual tokens laid out as one grid
 column. One learnable token per decoder layer and one budget token (an embedding of the requested
 token and layer shares) join the sequence; `depth` bidirectional transformer layers let image tokens
 see the question. Heads give one logit per visual token and one per decoder layer.
+
+Kept visual tokens are chosen by *tile-balanced* top-k (`balanced_scores`, the default
+``RouterConfig.balanced``): for a budget of k tokens the image grid is cut into about k tiles and
+the router's best token of every tile is kept before a second of any. Visual tokens of one image
+carry overlapping content, so coverage of the image matters more than any single token (plain top-k
+of per-token scores keeps contiguous regions and loses whole objects); the router decides which
+token of each tile survives, and where its logits differ most.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -36,6 +43,7 @@ class RouterConfig:
     ffn: int = 128
     position_features: int = 16
     token_layer: int = 0
+    balanced: bool = True
 
     def __post_init__(self) -> None:
         for name in ("lm_hidden", "n_layers", "position_axes", "width", "heads", "depth", "ffn", "position_features"):
@@ -71,11 +79,54 @@ class RouterConfig:
 @dataclass
 class RouterOutput:
     """``token_logits [B, V]`` per visual token in sequence order (-inf past a sample's count) and
-    ``layer_logits [B, n_layers]``."""
+    ``layer_logits [B, n_layers]``; `grids`: each sample's (rows, cols) visual layout or None;
+    `balanced`: whether kept tokens are chosen tile-balanced (`selection_scores`)."""
 
     token_logits: torch.Tensor
     layer_logits: torch.Tensor
     n_visual: list[int]
+    grids: list | None = None
+    balanced: bool = True
+
+    def selection_scores(self, keep: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, V]`` scores whose top-``keep[b]`` is sample b's selection (`logits`: e.g. perturbed
+        token logits in place of the router's own)."""
+        logits = self.token_logits if logits is None else logits
+        return balanced_scores(logits, self.n_visual, self.grids, keep) if self.balanced else logits
+
+
+def tiles(n: int, grid, k: int) -> torch.Tensor:
+    """``[n]`` tile id of each of n visual tokens for a budget of k: squares of side
+    round(sqrt(n / k)) of the (rows, cols) `grid` in row-major order, or runs of the sequence when
+    there is no grid, so there are about k tiles."""
+    index = torch.arange(n)
+    k = max(1, min(n, int(k)))
+    if grid is not None and grid[0] * grid[1] == n:
+        cols = int(grid[1])
+        side = max(1, round(math.sqrt(n / k)))
+        return (index // cols) // side * math.ceil(cols / side) + (index % cols) // side
+    return index // max(1, n // k)
+
+
+def balanced_scores(logits: torch.Tensor, n_visual: list[int], grids, keep: torch.Tensor) -> torch.Tensor:
+    """``[B, V]`` scores whose top-``keep[b]`` takes, tile by tile (`tiles`), the highest-`logits` token
+    of every tile before a second of any; within one round, tiles with higher logits go first.
+    -inf past a sample's count."""
+    out = torch.full_like(logits, float("-inf"))
+    for b, n in enumerate(n_visual):
+        if n == 0:
+            continue
+        row = logits[b, :n].detach()
+        tile = tiles(n, None if grids is None else grids[b], int(keep[b])).to(row.device)
+        # sort by tile, then by logit (descending) inside a tile: rank = place within the tile
+        order = torch.argsort(row, descending=True, stable=True)
+        order = order[torch.argsort(tile[order], stable=True)]
+        counts = torch.bincount(tile)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty(n, device=row.device)
+        rank[order] = (torch.arange(n, device=row.device) - starts[tile[order]]).to(rank.dtype)
+        out[b, :n] = -rank + torch.sigmoid(row.float()).to(out.dtype) * 0.5
+    return out
 
 
 def sinusoid(values: torch.Tensor, features: int) -> torch.Tensor:
@@ -137,7 +188,7 @@ class Router(nn.Module):
         token_logits = torch.full((batch, width), float("-inf"), dtype=x.dtype, device=x.device)
         for b, n in enumerate(counts):
             token_logits[b, :n] = token_scores[b][prep.visual_mask[b]]
-        return RouterOutput(token_logits, layer_logits, counts)
+        return RouterOutput(token_logits, layer_logits, counts, prep.visual_grids, c.balanced)
 
     def macs(self, prep: PreparedInputs) -> torch.Tensor:
         """``[B]`` multiply-adds of one routing pass per sample (matrix products, as the accountant counts)."""

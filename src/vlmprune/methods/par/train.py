@@ -49,11 +49,12 @@ class RouterTrainConfig:
     steps: int = 400
     batch_size: int = 8
     router_samples: int = 2
+    stratified: int = 4
     loss: str = "preference"
     beta: float = 2.0
     margin: float = 0.05
     budget_weight: float = 1.0
-    lr: float = 1e-3
+    lr: float = 3e-3
     width: int = 64
     depth: int = 1
     heads: int = 4
@@ -203,8 +204,7 @@ def train_router(cfg: RouterTrainConfig, pm=None, progress: bool = True, stop_af
         layer_share = torch.tensor([l for _, l in chosen])
         router.train()
         out_r = router(prep, token_share, layer_share)
-        token_masks, layer_masks = candidate_masks(
-            teacher, out_r.token_logits, out_r.layer_logits, keep_tokens, keep_layers, cfg.router_samples, gen)
+        token_masks, layer_masks = candidate_masks(teacher, out_r, keep_tokens, keep_layers, cfg.router_samples, gen, cfg.stratified)
         c = token_masks.shape[1]
         flows = plan_from_masks(token_masks.flatten(0, 1), layer_masks.flatten(0, 1), cfg.token_layer)
         kl = flow_kl(pm, repeat_prepared(prep, c), flows, teacher.log_probs.repeat_interleave(c, 0)).view(batch, c)
