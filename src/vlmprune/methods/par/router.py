@@ -19,7 +19,7 @@ token of each tile survives, and where its logits differ most.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
