@@ -1,6 +1,8 @@
 """PAR: the router, its plans, candidate flows and KL, the self-supervised trainer and its checkpoints."""
 
 import json
+import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -25,14 +27,17 @@ def _router_dir(tmp_path, pm, seed=0, **overrides):
 
 
 def _balanced_reference(logits: list[float], grid, k: int) -> set[int]:
-    """Brute force: cut the grid into squares of side round(sqrt(n / k)) (or the sequence into runs of
-    n // k), then take rounds of each tile's next-best token, best tiles first, until k are kept."""
+    """Brute force: cut the grid into h x w rectangles, h = round(sqrt(n / k)), w = ceil(n / k / h) (or
+    the sequence into runs of ceil(n / k)), then take rounds of each tile's next-best token, best
+    tiles first, until k are kept."""
     n = len(logits)
+    area = Fraction(n, k)
     if grid is not None and grid[0] * grid[1] == n:
-        side = max(1, round((n / k) ** 0.5))
-        tile_of = [(i // grid[1] // side, i % grid[1] // side) for i in range(n)]
+        high = max(1, round(float(area) ** 0.5))
+        wide = max(1, math.ceil(area / high))
+        tile_of = [(i // grid[1] // high, i % grid[1] // wide) for i in range(n)]
     else:
-        tile_of = [i // max(1, n // k) for i in range(n)]
+        tile_of = [i // math.ceil(area) for i in range(n)]
     members: dict = {}
     for i in range(n):
         members.setdefault(tile_of[i], []).append(i)
@@ -45,7 +50,9 @@ def _balanced_reference(logits: list[float], grid, k: int) -> set[int]:
 
 def test_balanced_selection_keeps_each_tiles_best_token_first():
     gen = torch.Generator().manual_seed(0)
-    for grid, n, k in [((4, 4), 16, 4), ((12, 12), 144, 36), ((12, 12), 144, 16), ((6, 8), 48, 10), (None, 20, 6), ((3, 5), 15, 15)]:
+    cases = [((4, 4), 16, 4), ((12, 12), 144, 36), ((12, 12), 144, 16), ((12, 12), 144, 72), ((12, 12), 144, 86),
+             ((12, 12), 144, 120), ((6, 8), 48, 10), (None, 20, 6), (None, 20, 13), ((3, 5), 15, 15)]
+    for grid, n, k in cases:
         logits = torch.randn(1, n, generator=gen)
         out = RouterOutput(logits, torch.zeros(1, 3), [n], [grid])
         chosen = set(out.selection_scores(torch.tensor([k]))[0].topk(k).indices.tolist())
@@ -63,6 +70,9 @@ def test_balanced_selection_keeps_each_tiles_best_token_first():
     for row in draws:
         assert len({(i // 12 // 2, i % 12 // 2) for i in row.nonzero().squeeze(1).tolist()}) == 36
     assert not torch.equal(draws[0], draws[1])
+    # above half the tokens, tiles still spread them: keeping 72 of 144 keeps one of every 1x2 pair
+    half = top_mask(stratified_scores([144], [(12, 12)], torch.tensor([72]), gen, 144), torch.tensor([72]))[0]
+    assert half.view(72, 2).sum(1).eq(1).all()
 
 
 def test_selection_gap_is_the_bernoulli_log_likelihood_difference():

@@ -96,16 +96,18 @@ class RouterOutput:
 
 
 def tiles(n: int, grid, k: int) -> torch.Tensor:
-    """``[n]`` tile id of each of n visual tokens for a budget of k: squares of side
-    round(sqrt(n / k)) of the (rows, cols) `grid` in row-major order, or runs of the sequence when
-    there is no grid, so there are about k tiles."""
+    """``[n]`` tile id of each of n visual tokens for a budget of k: rectangles of about n / k tokens
+    (``h = round(sqrt(n / k))`` rows by ``ceil(n / k / h)`` columns) of the (rows, cols) `grid` in
+    row-major order, or runs of ``ceil(n / k)`` tokens of the sequence when there is no grid; so there
+    are at most about k tiles, and tiles hold two tokens or more whenever k < n."""
     index = torch.arange(n)
-    k = max(1, min(n, int(k)))
+    area = n / max(1, min(n, int(k)))
     if grid is not None and grid[0] * grid[1] == n:
         cols = int(grid[1])
-        side = max(1, round(math.sqrt(n / k)))
-        return (index // cols) // side * math.ceil(cols / side) + (index % cols) // side
-    return index // max(1, n // k)
+        high = max(1, round(math.sqrt(area)))
+        wide = max(1, math.ceil(area / high - 1e-9))
+        return (index // cols) // high * math.ceil(cols / wide) + (index % cols) // wide
+    return index // max(1, math.ceil(area - 1e-9))
 
 
 def balanced_scores(logits: torch.Tensor, n_visual: list[int], grids, keep: torch.Tensor) -> torch.Tensor:
