@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import vlmprune
 from conftest import make_batch, sample_inputs
 from vlmprune.methods.par import PAR, PARLayers, PARTokens, Router, RouterConfig, RouterTrainConfig, save_router, train_router
-from vlmprune.methods.par.flows import candidate_masks, flow_kl, plan_from_masks, repeat_prepared, stratified_scores, teacher_pass, top_mask
+from vlmprune.methods.par.flows import NOISE_SCALES, candidate_masks, flow_kl, plan_from_masks, repeat_prepared, stratified_scores, teacher_pass, top_mask
 from vlmprune.methods.par.router import RouterOutput
 from vlmprune.methods.par.train import preference_loss, selection_gap
 
@@ -27,17 +27,19 @@ def _router_dir(tmp_path, pm, seed=0, **overrides):
 
 
 def _balanced_reference(logits: list[float], grid, k: int) -> set[int]:
-    """Brute force: cut the grid into h x w rectangles, h = round(sqrt(n / k)), w = ceil(n / k / h) (or
-    the sequence into runs of ceil(n / k)), then take rounds of each tile's next-best token, best
-    tiles first, until k are kept."""
+    """Brute force: cut the grid into h x w rectangles, h = floor(sqrt(n / k)), w = floor(n / k / h), at
+    least two tokens while k < n (or the sequence into runs of floor(n / k), at least 2), then take
+    rounds of each tile's next-best token, best tiles first, until k are kept."""
     n = len(logits)
     area = Fraction(n, k)
+    least = 2 if k < n else 1
     if grid is not None and grid[0] * grid[1] == n:
-        high = max(1, round(float(area) ** 0.5))
-        wide = max(1, math.ceil(area / high))
+        high = max(1, math.floor(float(area) ** 0.5 + 1e-12))
+        wide = max(1, math.floor(area / high))
+        wide = least if high * wide < least else wide
         tile_of = [(i // grid[1] // high, i % grid[1] // wide) for i in range(n)]
     else:
-        tile_of = [i // math.ceil(area) for i in range(n)]
+        tile_of = [i // max(least, math.floor(area)) for i in range(n)]
     members: dict = {}
     for i in range(n):
         members.setdefault(tile_of[i], []).append(i)
@@ -51,7 +53,7 @@ def _balanced_reference(logits: list[float], grid, k: int) -> set[int]:
 def test_balanced_selection_keeps_each_tiles_best_token_first():
     gen = torch.Generator().manual_seed(0)
     cases = [((4, 4), 16, 4), ((12, 12), 144, 36), ((12, 12), 144, 16), ((12, 12), 144, 72), ((12, 12), 144, 86),
-             ((12, 12), 144, 120), ((6, 8), 48, 10), (None, 20, 6), (None, 20, 13), ((3, 5), 15, 15)]
+             ((12, 12), 144, 120), ((12, 12), 144, 69), ((12, 12), 144, 27), ((6, 8), 48, 10), (None, 20, 6), (None, 20, 13), ((3, 5), 15, 15)]
     for grid, n, k in cases:
         logits = torch.randn(1, n, generator=gen)
         out = RouterOutput(logits, torch.zeros(1, 3), [n], [grid])
@@ -73,6 +75,10 @@ def test_balanced_selection_keeps_each_tiles_best_token_first():
     # above half the tokens, tiles still spread them: keeping 72 of 144 keeps one of every 1x2 pair
     half = top_mask(stratified_scores([144], [(12, 12)], torch.tensor([72]), gen, 144), torch.tensor([72]))[0]
     assert half.view(72, 2).sum(1).eq(1).all()
+    # just under half: no 1x2 pair keeps both before every pair but three keeps one (wide 1x3 tiles
+    # would leave whole columns empty)
+    under = top_mask(stratified_scores([144], [(12, 12)], torch.tensor([69]), gen, 144), torch.tensor([69]))[0]
+    assert under.view(72, 2).sum(1).le(1).all() and under.view(72, 2).sum(1).eq(1).sum() == 69
 
 
 def test_selection_gap_is_the_bernoulli_log_likelihood_difference():
@@ -173,9 +179,14 @@ def test_flow_kl_matches_separate_runs(tiny_models):
     gen = torch.Generator().manual_seed(0)
     logits, layer_logits = torch.randn(2, 16, generator=gen), torch.randn(2, 6, generator=gen)
     routed = RouterOutput(logits, layer_logits, [16, 16], prep.visual_grids)
-    tokens, layers = candidate_masks(teacher, routed, torch.tensor([4, 8]), torch.tensor([4, 5]), 1, gen, stratified=2)
+    tokens, layers = candidate_masks(teacher, routed, torch.tensor([4, 8]), torch.tensor([4, 5]), 1, gen, stratified=2, layer_flows=2)
     c = tokens.shape[1]
+    assert c == len(NOISE_SCALES) + 1 + 1 + 2 + 2
     assert tokens.sum(-1)[0].eq(4).all() and tokens.sum(-1)[1].eq(8).all() and layers.sum(-1)[1].eq(5).all()
+    # layer explorations keep the router's own tokens and its top-k of its logits is the router flow
+    own = len(NOISE_SCALES)
+    assert tokens[:, -2:].eq(tokens[:, own : own + 1]).all()
+    assert torch.equal(layers[:, own], top_mask(layer_logits, torch.tensor([4, 5])))
     plan = plan_from_masks(tokens.flatten(0, 1), layers.flatten(0, 1), 0)
     kl = flow_kl(pm, repeat_prepared(prep, c), plan, teacher.log_probs.repeat_interleave(c, 0)).view(2, c)
     for b in range(2):

@@ -4,10 +4,13 @@ flow's KL divergence from the teacher, computed through the engine (physically p
 A flow is one selection per sample: a boolean mask over its visual tokens (kept from the router's
 token layer on) and one over the decoder layers (run or skipped). Candidates come from the teacher's
 attention (visual tokens) and Block Influence (layers) perturbed by Gumbel noise of several scales,
-from the current router (its top-k and Gumbel-top-k samples of its logits), and from stratified
+from the current router (its top-k and Gumbel-top-k samples of its logits), from stratified
 random samples of the visual tokens (one random token per tile of the image grid, with the teacher's
 layers): flows that differ only in *which* token of each tile survives, so their KLs credit single
-positions instead of the image coverage that dominates the other candidates' differences.
+positions instead of the image coverage that dominates the other candidates' differences; and from
+layer explorations: the router's own tokens with perturbed or random layer sets. Block Influence is
+measured on the unpruned model, but which layers matter changes once tokens are gone; flows that
+differ from the router's own only in their layers credit layers under the token budget.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from ..base import last_token_attention
 from .router import RouterOutput, balanced_scores
 
 NOISE_SCALES = (0.0, 0.5, 1.0, 2.0, 4.0, float("inf"))  # inf: a uniformly random selection
+LAYER_EXPLORATION_SCALES = (1.0, float("inf"))  # cycled over the layer-exploration flows
 
 
 @dataclass
@@ -122,11 +126,14 @@ def candidate_masks(
     router_samples: int,
     generator: torch.Generator,
     stratified: int = 0,
+    layer_flows: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(tokens [B, C, Vmax], layers [B, C, n_layers])`` bool masks of C candidate flows per sample:
     one per `NOISE_SCALES` from the teacher's scores, the router's own selection (at index
     ``len(NOISE_SCALES)``), `router_samples` selections from Gumbel-perturbed router logits, and
-    `stratified` stratified random token samples with the teacher's top layers.
+    `stratified` stratified random token samples with the teacher's top layers, and `layer_flows`
+    flows of the router's own tokens with layers from Block Influence plus Gumbel noise of the
+    `LAYER_EXPLORATION_SCALES` in turn.
     `keep_tokens` / `keep_layers` ``[B]``: counts to keep."""
     token_logits, layer_logits = router.token_logits.detach(), router.layer_logits.detach()
     valid = torch.isfinite(token_logits)
@@ -148,6 +155,11 @@ def candidate_masks(
     for _ in range(stratified):
         tokens.append(stratified_scores(router.n_visual, router.grids, keep_tokens, generator, valid.shape[1]).to(token_logits.device))
         layers.append(l_base)
+    for i in range(layer_flows):
+        scale = LAYER_EXPLORATION_SCALES[i % len(LAYER_EXPLORATION_SCALES)]
+        noise = gumbel(l_base.shape, generator)
+        tokens.append(tokens[len(NOISE_SCALES)])
+        layers.append(noise if scale == float("inf") else l_base + scale * noise)
     t_scores, l_scores = torch.stack(tokens, 1), torch.stack(layers, 1)
     token_masks = top_mask(t_scores, keep_tokens[:, None].expand(-1, t_scores.shape[1])) & valid[:, None]
     layer_masks = top_mask(l_scores, keep_layers[:, None].expand(-1, l_scores.shape[1]))

@@ -96,18 +96,22 @@ class RouterOutput:
 
 
 def tiles(n: int, grid, k: int) -> torch.Tensor:
-    """``[n]`` tile id of each of n visual tokens for a budget of k: rectangles of about n / k tokens
-    (``h = round(sqrt(n / k))`` rows by ``ceil(n / k / h)`` columns) of the (rows, cols) `grid` in
-    row-major order, or runs of ``ceil(n / k)`` tokens of the sequence when there is no grid; so there
-    are at most about k tiles, and tiles hold two tokens or more whenever k < n."""
+    """``[n]`` tile id of each of n visual tokens for a budget of k: near-square rectangles of at most
+    n / k tokens (``h = floor(sqrt(n / k))`` rows by ``floor(n / k / h)`` columns) of the (rows, cols)
+    `grid` in row-major order, or runs of ``floor(n / k)`` tokens of the sequence when there is no
+    grid; tiles hold two tokens or more whenever k < n. So there are about k tiles or more, and a
+    selection takes one token from k different tiles before a second from any (where k tiles exist)."""
     index = torch.arange(n)
-    area = n / max(1, min(n, int(k)))
+    k = max(1, min(n, int(k)))
+    least = 2 if k < n else 1
     if grid is not None and grid[0] * grid[1] == n:
         cols = int(grid[1])
-        high = max(1, round(math.sqrt(area)))
-        wide = max(1, math.ceil(area / high - 1e-9))
+        high = max(1, math.isqrt(n // k))
+        wide = max(1, n // (k * high))
+        if high * wide < least:
+            wide = least
         return (index // cols) // high * math.ceil(cols / wide) + (index % cols) // wide
-    return index // max(1, math.ceil(area - 1e-9))
+    return index // max(least, n // k)
 
 
 def balanced_scores(logits: torch.Tensor, n_visual: list[int], grids, keep: torch.Tensor) -> torch.Tensor:

@@ -38,8 +38,9 @@ EVAL_SEED = 424_242  # training scenes for the fixed monitoring batch
 class RouterTrainConfig:
     """`tokens` / `layers`: the shares the router is trained for; with `sample_budgets` it also sees
     `TOKEN_BUDGETS` x `LAYER_BUDGETS`, token-only (layers 1) and layer-only (tokens 1) budgets, so one
-    router serves every version. `router_samples`: Gumbel-top-k samples of the router per sample, beside
-    the teacher-based candidates (one per `flows.NOISE_SCALES`) and the router's own top-k."""
+    router serves every version. `router_samples`, `stratified`, `layer_flows`: how many of each kind of
+    candidate flow (`flows.candidate_masks`) join the teacher-based ones (one per `flows.NOISE_SCALES`)
+    and the router's own top-k."""
 
     out: str
     model: str = "testbed"
@@ -50,6 +51,7 @@ class RouterTrainConfig:
     batch_size: int = 8
     router_samples: int = 2
     stratified: int = 4
+    layer_flows: int = 2
     loss: str = "preference"
     beta: float = 2.0
     margin: float = 0.05
@@ -204,7 +206,7 @@ def train_router(cfg: RouterTrainConfig, pm=None, progress: bool = True, stop_af
         layer_share = torch.tensor([l for _, l in chosen])
         router.train()
         out_r = router(prep, token_share, layer_share)
-        token_masks, layer_masks = candidate_masks(teacher, out_r, keep_tokens, keep_layers, cfg.router_samples, gen, cfg.stratified)
+        token_masks, layer_masks = candidate_masks(teacher, out_r, keep_tokens, keep_layers, cfg.router_samples, gen, cfg.stratified, cfg.layer_flows)
         c = token_masks.shape[1]
         flows = plan_from_masks(token_masks.flatten(0, 1), layer_masks.flatten(0, 1), cfg.token_layer)
         kl = flow_kl(pm, repeat_prepared(prep, c), flows, teacher.log_probs.repeat_interleave(c, 0)).view(batch, c)
