@@ -1,8 +1,6 @@
 """PAR: the router, its plans, candidate flows and KL, the self-supervised trainer and its checkpoints."""
 
 import json
-import math
-from fractions import Fraction
 
 import pytest
 import torch
@@ -26,34 +24,43 @@ def _router_dir(tmp_path, pm, seed=0, **overrides):
     return save_router(router, tmp_path / "router"), router
 
 
-def _balanced_reference(logits: list[float], grid, k: int) -> set[int]:
-    """Brute force: cut the grid into h x w rectangles, h = floor(sqrt(n / k)), w = floor(n / k / h), at
-    least two tokens while k < n (or the sequence into runs of floor(n / k), at least 2), then take
-    rounds of each tile's next-best token, best tiles first, until k are kept."""
+def _balanced_order(logits: list[float], grid, k: int) -> list[int]:
+    """Brute force, as a selection order: cut the grid into the h x w rectangles (w in {h, h + 1}, at
+    least two tokens while k < n) whose count is closest to k, fewer on ties (or the sequence into such
+    runs); if k is below the number of tiles, order the tiles by the same rule applied to their best
+    logits over the grid of tiles, taking each chosen tile's best token; otherwise take rounds of
+    each tile's next-best token, best first."""
     n = len(logits)
-    area = Fraction(n, k)
     least = 2 if k < n else 1
     if grid is not None and grid[0] * grid[1] == n:
-        high = max(1, math.floor(float(area) ** 0.5 + 1e-12))
-        wide = max(1, math.floor(area / high))
-        wide = least if high * wide < least else wide
-        tile_of = [(i // grid[1] // high, i % grid[1] // wide) for i in range(n)]
+        def cut(shape):
+            high, wide = shape
+            across = -(-grid[1] // wide)
+            return [i // grid[1] // high * across + i % grid[1] // wide for i in range(n)], (-(-grid[0] // high), across)
+        shapes = [(h, w) for h in range(1, grid[0] + 1) for w in (h, h + 1) if h * w >= least]
+        tile_of, tile_grid = cut(min(shapes, key=lambda s: (abs(len(set(cut(s)[0])) - k), len(set(cut(s)[0])))))
     else:
-        tile_of = [i // max(least, math.floor(area)) for i in range(n)]
-    members: dict = {}
-    for i in range(n):
-        members.setdefault(tile_of[i], []).append(i)
-    ranked = [sorted(m, key=lambda i: -logits[i]) for m in members.values()]
-    kept: list[int] = []
+        run = min(range(least, n + 1), key=lambda r: (abs(len({i // r for i in range(n)}) - k), len({i // r for i in range(n)})))
+        tile_of, tile_grid = [i // run for i in range(n)], None
+    m = max(tile_of) + 1
+    ranked = [sorted((i for i in range(n) if tile_of[i] == t), key=lambda i: -logits[i]) for t in range(m)]
+    if k < m:
+        tile_order = _balanced_order([logits[r[0]] for r in ranked], tile_grid, k)
+        return [ranked[t][0] for t in tile_order]
+    order: list[int] = []
     for r in range(max(len(m) for m in ranked)):
-        kept += sorted((m[r] for m in ranked if len(m) > r), key=lambda i: -logits[i])
-    return set(kept[:k])
+        order += sorted((m[r] for m in ranked if len(m) > r), key=lambda i: -logits[i])
+    return order
+
+
+def _balanced_reference(logits: list[float], grid, k: int) -> set[int]:
+    return set(_balanced_order(logits, grid, k)[:k])
 
 
 def test_balanced_selection_keeps_each_tiles_best_token_first():
     gen = torch.Generator().manual_seed(0)
     cases = [((4, 4), 16, 4), ((12, 12), 144, 36), ((12, 12), 144, 16), ((12, 12), 144, 72), ((12, 12), 144, 86),
-             ((12, 12), 144, 120), ((12, 12), 144, 69), ((12, 12), 144, 27), ((6, 8), 48, 10), (None, 20, 6), (None, 20, 13), ((3, 5), 15, 15)]
+             ((12, 12), 144, 120), ((12, 12), 144, 69), ((12, 12), 144, 27), ((12, 12), 144, 38), ((12, 12), 144, 60), ((12, 12), 144, 3), ((24, 24), 576, 50), (None, 50, 7), ((6, 8), 48, 10), (None, 20, 6), (None, 20, 13), ((3, 5), 15, 15)]
     for grid, n, k in cases:
         logits = torch.randn(1, n, generator=gen)
         out = RouterOutput(logits, torch.zeros(1, 3), [n], [grid])
@@ -75,10 +82,19 @@ def test_balanced_selection_keeps_each_tiles_best_token_first():
     # above half the tokens, tiles still spread them: keeping 72 of 144 keeps one of every 1x2 pair
     half = top_mask(stratified_scores([144], [(12, 12)], torch.tensor([72]), gen, 144), torch.tensor([72]))[0]
     assert half.view(72, 2).sum(1).eq(1).all()
-    # just under half: no 1x2 pair keeps both before every pair but three keeps one (wide 1x3 tiles
-    # would leave whole columns empty)
+    # just under half: 1x2 tiles (72, closest to 69), so no pair keeps both and only three keep none
+    # (wide 1x3 tiles would let a positional preference empty whole columns)
     under = top_mask(stratified_scores([144], [(12, 12)], torch.tensor([69]), gen, 144), torch.tensor([69]))[0]
     assert under.view(72, 2).sum(1).le(1).all() and under.view(72, 2).sum(1).eq(1).sum() == 69
+    # 60 of 144 with a router that prefers the top of the image: 72 tiles of 1x2, and the tiles that
+    # get a token are chosen tile-balanced over the tiles (every 1x4 block keeps one), where taking
+    # the best 60 tiles would empty the two bottom rows
+    prior = -torch.arange(144, dtype=torch.float32).div(12, rounding_mode="floor")[None]
+    top = top_mask(RouterOutput(prior, torch.zeros(1, 3), [144], [(12, 12)]).selection_scores(torch.tensor([60])), torch.tensor([60]))[0]
+    assert top.view(36, 4).any(1).all() and top.view(12, 12)[10:].sum() == 6
+    # 38 of 144: 2x2 tiles (36) rather than 1x3 (48), so every 2x2 quadrant keeps a token
+    quads = top_mask(stratified_scores([144], [(12, 12)], torch.tensor([38]), gen, 144), torch.tensor([38]))[0]
+    assert len({(i // 12 // 2, i % 12 // 2) for i in quads.nonzero().squeeze(1).tolist()}) == 36
 
 
 def test_selection_gap_is_the_bernoulli_log_likelihood_difference():

@@ -95,43 +95,63 @@ class RouterOutput:
         return balanced_scores(logits, self.n_visual, self.grids, keep) if self.balanced else logits
 
 
-def tiles(n: int, grid, k: int) -> torch.Tensor:
-    """``[n]`` tile id of each of n visual tokens for a budget of k: near-square rectangles of at most
-    n / k tokens (``h = floor(sqrt(n / k))`` rows by ``floor(n / k / h)`` columns) of the (rows, cols)
-    `grid` in row-major order, or runs of ``floor(n / k)`` tokens of the sequence when there is no
-    grid; tiles hold two tokens or more whenever k < n. So there are about k tiles or more, and a
-    selection takes one token from k different tiles before a second from any (where k tiles exist)."""
+def tiles(n: int, grid, k: int) -> tuple[torch.Tensor, tuple[int, int] | None]:
+    """``([n] tile id, tile grid)`` of n visual tokens for a budget of k: the (rows, cols) `grid` cut into
+    near-square h x w rectangles (w = h or h + 1) in row-major order, or the sequence into runs of r
+    tokens when there is no grid, choosing the shape whose number of tiles is closest to k (ties:
+    fewer tiles); tiles hold two tokens or more whenever k < n. The tile grid is (rows, cols) of the
+    tiles themselves (None for runs)."""
     index = torch.arange(n)
     k = max(1, min(n, int(k)))
     least = 2 if k < n else 1
+
+    def closest(shapes):  # shapes: (tile count, *shape)
+        return min((abs(count - k), count, shape) for count, *shape in shapes)[2]
+
     if grid is not None and grid[0] * grid[1] == n:
-        cols = int(grid[1])
-        high = max(1, math.isqrt(n // k))
-        wide = max(1, n // (k * high))
-        if high * wide < least:
-            wide = least
-        return (index // cols) // high * math.ceil(cols / wide) + (index % cols) // wide
-    return index // max(least, n // k)
+        rows, cols = int(grid[0]), int(grid[1])
+        high, wide = closest(
+            (math.ceil(rows / h) * math.ceil(cols / w), h, w)
+            for h in range(1, rows + 1) for w in (h, h + 1) if h * w >= least
+        )
+        across = math.ceil(cols / wide)
+        return (index // cols) // high * across + (index % cols) // wide, (math.ceil(rows / high), across)
+    (run,) = closest((math.ceil(n / r), r) for r in range(least, n + 1))
+    return index // run, None
+
+
+def balanced_row(logits: torch.Tensor, grid, k: int) -> torch.Tensor:
+    """``[n]`` scores whose top-k takes the best token of every tile (`tiles`) before a second of any.
+    Where there are more tiles than k, the tiles that get one are themselves chosen tile-balanced
+    (recursively, over the tile grid, by each tile's best logit); second and later rounds go by logit."""
+    n = logits.shape[0]
+    tile, tile_grid = tiles(n, grid, k)
+    tile = tile.to(logits.device)
+    # sort by tile, then by logit (descending) inside a tile: rank = place within the tile
+    order = torch.argsort(logits, descending=True, stable=True)
+    order = order[torch.argsort(tile[order], stable=True)]
+    counts = torch.bincount(tile)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty(n, device=logits.device)
+    rank[order] = (torch.arange(n, device=logits.device) - starts[tile[order]]).to(rank.dtype)
+    within = torch.sigmoid(logits.float()).to(rank.dtype)
+    m = counts.numel()
+    if k < m:  # not every tile gets a token: choose which, spread over the tile grid
+        best = torch.full((m,), float("-inf"), device=logits.device, dtype=logits.dtype).scatter_reduce(0, tile, logits, "amax")
+        tile_order = torch.argsort(balanced_row(best, tile_grid, k), descending=True, stable=True)
+        place = torch.empty(m, device=logits.device, dtype=rank.dtype)
+        place[tile_order] = torch.arange(m, device=logits.device, dtype=rank.dtype)
+        within = torch.where(rank == 0, 1 - place[tile] / m, within)
+    return -rank + 0.5 * within
 
 
 def balanced_scores(logits: torch.Tensor, n_visual: list[int], grids, keep: torch.Tensor) -> torch.Tensor:
-    """``[B, V]`` scores whose top-``keep[b]`` takes, tile by tile (`tiles`), the highest-`logits` token
-    of every tile before a second of any; within one round, tiles with higher logits go first.
+    """``[B, V]`` scores whose top-``keep[b]`` is sample b's tile-balanced selection (`balanced_row`);
     -inf past a sample's count."""
     out = torch.full_like(logits, float("-inf"))
     for b, n in enumerate(n_visual):
-        if n == 0:
-            continue
-        row = logits[b, :n].detach()
-        tile = tiles(n, None if grids is None else grids[b], int(keep[b])).to(row.device)
-        # sort by tile, then by logit (descending) inside a tile: rank = place within the tile
-        order = torch.argsort(row, descending=True, stable=True)
-        order = order[torch.argsort(tile[order], stable=True)]
-        counts = torch.bincount(tile)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.empty(n, device=row.device)
-        rank[order] = (torch.arange(n, device=row.device) - starts[tile[order]]).to(rank.dtype)
-        out[b, :n] = -rank + torch.sigmoid(row.float()).to(out.dtype) * 0.5
+        if n:
+            out[b, :n] = balanced_row(logits[b, :n].detach(), None if grids is None else grids[b], int(keep[b])).to(out.dtype)
     return out
 
 
