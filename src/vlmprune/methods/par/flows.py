@@ -103,6 +103,12 @@ def gumbel(shape, generator: torch.Generator) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
+def perturbed(base: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """`base` plus Gumbel noise times `scale`; pure noise (a uniformly random top-k) at ``scale = inf``."""
+    noise = gumbel(base.shape, generator)
+    return noise if scale == float("inf") else base + scale * noise
+
+
 def _standardize(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Log scores scaled to unit spread per row (so noise scales mean the same for every sample)."""
     logs = scores.clamp(min=1e-12).log().masked_fill(~valid, 0)
@@ -141,11 +147,8 @@ def candidate_masks(
     l_base = _standardize(teacher.layer_scores.clamp(min=0), torch.ones_like(teacher.layer_scores, dtype=torch.bool))
     tokens, layers = [], []
     for scale in NOISE_SCALES:
-        t_noise, l_noise = gumbel(t_base.shape, generator), gumbel(l_base.shape, generator)
-        t = t_noise if scale == float("inf") else t_base + scale * t_noise
-        l = l_noise if scale == float("inf") else l_base + scale * l_noise
-        tokens.append(t.masked_fill(~valid, float("-inf")))
-        layers.append(l)
+        tokens.append(perturbed(t_base, scale, generator).masked_fill(~valid, float("-inf")))
+        layers.append(perturbed(l_base, scale, generator))
     tokens.append(router.selection_scores(keep_tokens))
     layers.append(layer_logits)
     for _ in range(router_samples):
@@ -156,10 +159,8 @@ def candidate_masks(
         tokens.append(stratified_scores(router.n_visual, router.grids, keep_tokens, generator, valid.shape[1]).to(token_logits.device))
         layers.append(l_base)
     for i in range(layer_flows):
-        scale = LAYER_EXPLORATION_SCALES[i % len(LAYER_EXPLORATION_SCALES)]
-        noise = gumbel(l_base.shape, generator)
         tokens.append(tokens[len(NOISE_SCALES)])
-        layers.append(noise if scale == float("inf") else l_base + scale * noise)
+        layers.append(perturbed(l_base, LAYER_EXPLORATION_SCALES[i % len(LAYER_EXPLORATION_SCALES)], generator))
     t_scores, l_scores = torch.stack(tokens, 1), torch.stack(layers, 1)
     token_masks = top_mask(t_scores, keep_tokens[:, None].expand(-1, t_scores.shape[1])) & valid[:, None]
     layer_masks = top_mask(l_scores, keep_layers[:, None].expand(-1, l_scores.shape[1]))
