@@ -185,6 +185,30 @@ def test_router_flops_are_counted_and_priced(tiny_models, tmp_path):
     assert vlmprune.flops(pm, run.stats).batch_share == pytest.approx(budgeted.share)
 
 
+@pytest.mark.parametrize("token_layer", [0, 1])
+def test_par_prices_itself_as_its_runs_cost(tiny_models, tmp_path, monkeypatch, token_layer):
+    """`lm_counts` (what AtFlops prices) equals the accounting of the real run, for every version; with
+    K = 0 it needs no routing pass (the cost does not depend on which tokens or layers are picked)."""
+    from vlmprune.eval.flops import LMCounts, lm_share
+
+    model = tiny_models("llava")
+    pm = vlmprune.wrap(model)
+    batch = make_batch("llava", model, [3, 1, 6], [4, 7, 2])
+    path, _ = _router_dir(tmp_path, pm, token_layer=token_layer)
+    prep = pm.prepare(**batch.kwargs())
+    passes, forward = [], Router.forward
+    monkeypatch.setattr(Router, "forward", lambda *args: passes.append(1) or forward(*args))
+    for method in (PAR(router=str(path), keep=0.3, layers=0.5), PARTokens(router=str(path), keep=5), PARLayers(router=str(path), keep_layers=1)):
+        passes.clear()
+        counts = method.lm_counts(pm, prep)
+        routed = len(passes)
+        run = pm(**batch.kwargs(), prune=method)
+        actual = LMCounts.from_stats(run.stats)
+        assert torch.equal(counts.macs(pm.adapter.text_config)["layers"], actual.macs(pm.adapter.text_config)["layers"])
+        assert lm_share(pm.adapter.text_config, counts) == pytest.approx(vlmprune.flops(pm, run.stats).batch_share)
+        assert routed == (1 if token_layer and isinstance(method, PAR) else 0)
+
+
 def test_flow_kl_matches_separate_runs(tiny_models):
     model = tiny_models("llava")
     pm = vlmprune.wrap(model)

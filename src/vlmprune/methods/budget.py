@@ -11,8 +11,10 @@ searched over ratios ``k / n_visual`` -- every token count --, ``keep_layers`` f
 layer count) is set to the candidate whose analytically priced share is closest to the target.
 
 Pricing a candidate never runs the model: a method that decides inside the LLM gives its token
-schedule as counts (``schedule(sample, n_layers)``, FastV / PDrop / SparseVLM); any other method's
-plan is decided (before the LLM, no decoder layer runs) and priced. The priced share grows with the
+schedule as counts (``schedule(sample, n_layers)``, FastV / PDrop / SparseVLM); a method may price
+itself (``lm_counts(pm, prep) -> LMCounts``, PAR: its cost does not depend on which tokens or layers
+its router picks, so no routing pass runs per candidate); any other method's plan is decided
+(before the LLM, no decoder layer runs) and priced. The priced share grows with the
 budget (more tokens or layers never cost less), so a bisection over the candidates finds the closest
 one. The run's own accounting reports the share achieved: ``vlmprune.flops(pm, out.stats).share``.
 """
@@ -57,6 +59,8 @@ def sample_shapes(prep) -> list[SampleShape]:
 
 def method_counts(method: Any, pm, prep) -> LMCounts:
     """The language model's work under `method` for a prepared batch, as counts, without running the model."""
+    if hasattr(method, "lm_counts"):  # the method prices itself (e.g. PAR, without a routing pass)
+        return method.lm_counts(pm, prep)
     shapes = sample_shapes(prep)
     n_text, n_visual = [s.n_text for s in shapes], [s.n_visual for s in shapes]
     if hasattr(method, "schedule"):

@@ -13,7 +13,9 @@ import torch
 
 from ...engine.plan import Plan
 from ...errors import VlmpruneError
+from ...eval.flops import LMCounts
 from ..base import check_keep, check_keep_layers, keep_count, layer_count
+from ..budget import sample_shapes
 from ..registry import register_method
 from .checkpoint import load_router
 from .router import Router, RouterOutput
@@ -51,7 +53,12 @@ class _RouterMethod:
         router.config.check_model(pm)
         return router
 
-    def _decide(self, pm, prep, keep: float | int | None, layers: int | None):
+    def _budget(self, pm) -> tuple[float | int | None, int | None]:
+        """(visual tokens kept, layers kept) with None for all."""
+        raise NotImplementedError
+
+    def decide(self, pm, prep):
+        keep, layers = self._budget(pm)
         router = self._router(pm)
         device = prep.inputs_embeds.device
         router.to(device)
@@ -60,6 +67,23 @@ class _RouterMethod:
         with torch.no_grad():
             out = router(prep, token_share, layer_share)
         return plan_from_scores(out, keep, layers, router.config.token_layer, router.macs(prep).cpu()), []
+
+    def lm_counts(self, pm, prep) -> LMCounts:
+        """The language model's work as counts, for FLOPs budgets (`AtFlops`). The router's choices
+        do not change the cost when every layer sees the same tokens (token layer K = 0, or no token
+        or no layer budget), so no routing pass runs then; otherwise the plan is decided and priced."""
+        keep, layers = self._budget(pm)
+        router = self._router(pm)
+        shapes = sample_shapes(prep)
+        n_text, n_visual = [s.n_text for s in shapes], [s.n_visual for s in shapes]
+        if keep is not None and layers is not None and router.config.token_layer > 0:
+            plan, _ = self.decide(pm, prep)
+            return LMCounts.from_plan(plan, n_text, n_visual, pm.n_layers)
+        kept = [{} if keep is None else {router.config.token_layer: keep_count(keep, n)} for n in n_visual]
+        skip = [range(0 if layers is None else pm.n_layers - layers)] * len(shapes)  # which ones: same cost
+        counts = LMCounts.from_schedule(n_text, n_visual, pm.n_layers, kept, skip)
+        counts.overhead = router.macs(prep).cpu().double()
+        return counts
 
 
 @register_method("par")
@@ -91,8 +115,8 @@ class PAR(_RouterMethod):
             return PARLayers(router=str(path), keep_layers=None, layers=layers)
         return cls(router=str(path), keep=tokens, layers=layers)
 
-    def decide(self, pm, prep):
-        return self._decide(pm, prep, self.keep, layer_count(self.layers, pm.n_layers))
+    def _budget(self, pm):
+        return self.keep, layer_count(self.layers, pm.n_layers)
 
 
 @register_method("par-tokens")
@@ -106,8 +130,8 @@ class PARTokens(_RouterMethod):
     def __post_init__(self) -> None:
         check_keep(self.keep)
 
-    def decide(self, pm, prep):
-        return self._decide(pm, prep, self.keep, None)
+    def _budget(self, pm):
+        return self.keep, None
 
 
 @register_method("par-layers")
@@ -125,8 +149,8 @@ class PARLayers(_RouterMethod):
             check_keep_layers(self.keep_layers)
         check_share(self.layers, "layers")
 
-    def decide(self, pm, prep):
+    def _budget(self, pm):
         n = self.keep_layers if self.keep_layers is not None else layer_count(self.layers, pm.n_layers)
         if n > pm.n_layers:
             raise VlmpruneError(f"keep_layers={n} but the model has {pm.n_layers} decoder layers")
-        return self._decide(pm, prep, None, n)
+        return None, n

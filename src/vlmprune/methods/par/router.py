@@ -18,6 +18,7 @@ token of each tile survives, and where its logits differ most.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -103,21 +104,27 @@ def tiles(n: int, grid, k: int) -> tuple[torch.Tensor, tuple[int, int] | None]:
     tiles themselves (None for runs)."""
     index = torch.arange(n)
     k = max(1, min(n, int(k)))
-    least = 2 if k < n else 1
-
-    def closest(shapes):  # shapes: (tile count, *shape)
-        return min((abs(count - k), count, shape) for count, *shape in shapes)[2]
-
     if grid is not None and grid[0] * grid[1] == n:
         rows, cols = int(grid[0]), int(grid[1])
-        high, wide = closest(
-            (math.ceil(rows / h) * math.ceil(cols / w), h, w)
-            for h in range(1, rows + 1) for w in (h, h + 1) if h * w >= least
-        )
+        high, wide = _tile_shape(rows, cols, k)
         across = math.ceil(cols / wide)
         return (index // cols) // high * across + (index % cols) // wide, (math.ceil(rows / high), across)
-    (run,) = closest((math.ceil(n / r), r) for r in range(least, n + 1))
+    (run,) = _closest(k, tuple((math.ceil(n / r), r) for r in range(2 if k < n else 1, n + 1)))
     return index // run, None
+
+
+@functools.lru_cache(maxsize=4096)
+def _tile_shape(rows: int, cols: int, k: int) -> tuple[int, int]:
+    """(h, w) of `tiles` for a rows x cols grid and a budget of k tokens."""
+    least = 2 if k < rows * cols else 1
+    return _closest(k, tuple(
+        (math.ceil(rows / h) * math.ceil(cols / w), h, w) for h in range(1, rows + 1) for w in (h, h + 1) if h * w >= least
+    ))
+
+
+def _closest(k: int, shapes) -> tuple:
+    """The shape of ``(tile count, *shape)`` candidates whose count is closest to k (ties: fewer tiles)."""
+    return min((abs(count - k), count, shape) for count, *shape in shapes)[2]
 
 
 def balanced_row(logits: torch.Tensor, grid, k: int) -> torch.Tensor:
