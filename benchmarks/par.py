@@ -8,14 +8,15 @@ Every method runs through `vlmprune.AtFlops(method, share)`: the budget whose pr
 full LM prefill (the router's own FLOPs and the in-model methods' scoring included) is closest to the
 target. In-model methods (FastV, PDrop, SparseVLM) cannot go below the cost of their first layers
 over every token; the table shows the share each method reached, and a comparison counts only
-methods within 3% of the target share. PAR hybrid runs with 4 or 5 of the 6 layers, whichever
-scores better on 500 held-out *training-distribution* scenes (never the evaluation set), with the
+methods within 3% of the target share. PAR hybrid runs with 3, 4 or 5 of the 6 layers, whichever
+scores best on 500 held-out *training-distribution* scenes (never the evaluation set), with the
 visual-token budget chosen by the FLOPs target. Writes benchmarks/results/par.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -24,12 +25,17 @@ import vlmprune
 from vlmprune.eval.latency import measure_latency
 from vlmprune.eval.vqa import evaluate
 from vlmprune.files import write_json
+from vlmprune.methods.base import layer_count
 from vlmprune.methods.par import PAR, PARLayers, PARTokens, RouterTrainConfig, train_router
+from vlmprune.methods.par.train import LAYER_BUDGETS, TOKEN_BUDGETS
 from vlmprune.testbed import data, eval_set
 from vlmprune.testbed.encode import encode, encode_batches
 
 BASELINES = ("fastv", "pdrop", "sparsevlm", "visionzip", "random", "pool", "shortgpt", "random-layers")
-HYBRID_LAYERS = (4 / 6, 5 / 6)
+HYBRID_LAYERS = (3 / 6, 4 / 6, 5 / 6)
+SEEN_TOKENS = TOKEN_BUDGETS[::2]  # token shares the router trains on (0.1, 0.3, ...)
+UNSEEN_TOKENS = (0.05, 0.15, 0.35, 0.55, 0.75)  # ... and shares between or below them
+LAYER_COUNTS = (1, 2, 3, 4, 5)  # of 6
 VALIDATION_SEED = 31_337
 MATCH = 0.03
 
@@ -61,6 +67,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="training steps for routers that do not exist yet")
     parser.add_argument("--shares", default="0.6,0.5,0.3")
     parser.add_argument("--limit", type=int, help="evaluate the first N questions only")
+    parser.add_argument("--budget-questions", type=int, default=1000, help="questions for the seen-vs-unseen budget table")
     parser.add_argument("--json", default="benchmarks/results/par.json")
     args = parser.parse_args()
     shares = [float(s) for s in args.shares.split(",")]
@@ -77,6 +84,7 @@ def main() -> None:
     if result.get("key") != key:
         result = dict(key=key, points={})
     points = result["points"]
+    result["n_layers"] = pm.n_layers
 
     def point(name: str, share: float, method) -> dict:
         tag = f"{name} @ {share:g}"
@@ -98,6 +106,27 @@ def main() -> None:
             point("par (distill)", share, PAR.load(distill, layers=layers))
         for name in BASELINES:
             point(name, share, baseline(pm, name, calib))
+
+    # budgets seen in training vs others: token-only PAR against random at the same token share,
+    # layer-only PAR against ShortGPT at the same layer count
+    subset = samples[: args.budget_questions]
+    if result.get("budget_questions") != args.budget_questions:
+        result["budget_questions"], result["budgets"] = args.budget_questions, {}
+    budgets = result["budgets"]
+
+    def budget_point(tag: str, method) -> float:
+        if tag not in budgets:
+            budgets[tag] = evaluate(pm, subset, prune=method, progress=False).accuracy
+            write_json(path, result)
+        return budgets[tag]
+
+    for keep in sorted(SEEN_TOKENS + UNSEEN_TOKENS):
+        budget_point(f"par-tokens keep {keep:g}", PARTokens(router=str(router), keep=keep))
+        budget_point(f"random keep {keep:g}", vlmprune.build_method("random", keep=keep))
+    shortgpt = baseline(pm, "shortgpt", calib)
+    for n in LAYER_COUNTS:
+        budget_point(f"par-layers {n}", PARLayers(router=str(router), keep_layers=n))
+        budget_point(f"shortgpt {n}", dataclasses.replace(shortgpt, keep_layers=n))
 
     # measured prefill speed-up of PAR hybrid plans next to their FLOPs share (batch 32, sdpa)
     inputs = encode(samples[:32], pm.processor.tokenizer)
@@ -131,7 +160,7 @@ def report(result: dict, shares: list[float]) -> str:
         matched = [(p["accuracy"], n) for n in BASELINES if (p := points.get(f"{n} @ {s:g}")) and abs(p["share"] - s) <= MATCH]
         best = max(matched) if matched else None
         tokens = points.get(f"par-tokens @ {s:g}")
-        line = f"share {s:g}: PAR hybrid {par['accuracy'] * 100:.1f}% (share {par['share']:.3f}, {result['hybrid_layers'][f'{s:g}'] * 6:.0f} layers)"
+        line = f"share {s:g}: PAR hybrid {par['accuracy'] * 100:.1f}% (share {par['share']:.3f}, {result['hybrid_layers'][f'{s:g}'] * result['n_layers']:.0f} layers)"
         if best:
             line += f"; best matched training-free {best[1]} {best[0] * 100:.1f}% -> {(par['accuracy'] - best[0]) * 100:+.1f} points"
         if tokens:
@@ -141,6 +170,20 @@ def report(result: dict, shares: list[float]) -> str:
         if lat:
             line += f"; prefill {lat['prefill_ms']:.1f} ms vs {lat['full_ms']:.1f} ms = {lat['speedup']:.2f}x"
         lines.append(line)
+    budgets = result.get("budgets", {})
+    if budgets:
+        lines += ["", f"budgets seen in training (*) and others, first {result.get('budget_questions')} questions:",
+                  "| token share | par-tokens | random | gap |", "|---:|---:|---:|---:|"]
+        for keep in sorted(SEEN_TOKENS + UNSEEN_TOKENS):
+            a, r = budgets.get(f"par-tokens keep {keep:g}"), budgets.get(f"random keep {keep:g}")
+            if a is not None and r is not None:
+                lines.append(f"| {keep:g}{'*' if keep in TOKEN_BUDGETS else ''} | {a * 100:.1f} | {r * 100:.1f} | {(a - r) * 100:+.1f} |")
+        lines += ["", "| layers kept | par-layers | shortgpt | gap |", "|---:|---:|---:|---:|"]
+        seen_layers = {layer_count(share, result["n_layers"]) for share in (*LAYER_BUDGETS, RouterTrainConfig("").layers)}
+        for n in LAYER_COUNTS:
+            a, r = budgets.get(f"par-layers {n}"), budgets.get(f"shortgpt {n}")
+            if a is not None and r is not None:
+                lines.append(f"| {n}{'*' if n in seen_layers else ''} | {a * 100:.1f} | {r * 100:.1f} | {(a - r) * 100:+.1f} |")
     return "\n".join(lines)
 
 

@@ -24,13 +24,16 @@ def _router_dir(tmp_path, pm, seed=0, **overrides):
     return save_router(router, tmp_path / "router"), router
 
 
-def _balanced_order(logits: list[float], grid, k: int) -> list[int]:
-    """Brute force, as a selection order: cut the grid into the h x w rectangles (w in {h, h + 1}, at
+def _balanced_reference(logits: list[float], grid, k: int) -> set[int]:
+    """Brute force: the k tokens kept. Cut the grid into the h x w rectangles (w in {h, h + 1}, at
     least two tokens while k < n) whose count is closest to k, fewer on ties (or the sequence into such
-    runs); if k is below the number of tiles, order the tiles by the same rule applied to their best
-    logits over the grid of tiles, taking each chosen tile's best token; otherwise take rounds of
-    each tile's next-best token, best first."""
+    runs); if k is below the number of tiles, choose tiles by the same rule applied to their best
+    logits over the grid of tiles and keep each chosen tile's best token; otherwise take rounds of
+    each tile's next-best token, best first. Above half the tokens, keep all but the n - k tokens the
+    same rule picks from the negated logits (every tile's worst token dropped first)."""
     n = len(logits)
+    if n < 2 * k < 2 * n:
+        return set(range(n)) - _balanced_reference([-x for x in logits], grid, n - k)
     least = 2 if k < n else 1
     if grid is not None and grid[0] * grid[1] == n:
         def cut(shape):
@@ -45,16 +48,11 @@ def _balanced_order(logits: list[float], grid, k: int) -> list[int]:
     m = max(tile_of) + 1
     ranked = [sorted((i for i in range(n) if tile_of[i] == t), key=lambda i: -logits[i]) for t in range(m)]
     if k < m:
-        tile_order = _balanced_order([logits[r[0]] for r in ranked], tile_grid, k)
-        return [ranked[t][0] for t in tile_order]
+        return {ranked[t][0] for t in _balanced_reference([logits[r[0]] for r in ranked], tile_grid, k)}
     order: list[int] = []
     for r in range(max(len(m) for m in ranked)):
         order += sorted((m[r] for m in ranked if len(m) > r), key=lambda i: -logits[i])
-    return order
-
-
-def _balanced_reference(logits: list[float], grid, k: int) -> set[int]:
-    return set(_balanced_order(logits, grid, k)[:k])
+    return set(order[:k])
 
 
 def test_balanced_selection_keeps_each_tiles_best_token_first():
@@ -86,12 +84,17 @@ def test_balanced_selection_keeps_each_tiles_best_token_first():
     # (wide 1x3 tiles would let a positional preference empty whole columns)
     under = top_mask(stratified_scores([144], [(12, 12)], torch.tensor([69]), gen, 144), torch.tensor([69]))[0]
     assert under.view(72, 2).sum(1).le(1).all() and under.view(72, 2).sum(1).eq(1).sum() == 69
-    # 60 of 144 with a router that prefers the top of the image: 72 tiles of 1x2, and the tiles that
-    # get a token are chosen tile-balanced over the tiles (every 1x4 block keeps one), where taking
-    # the best 60 tiles would empty the two bottom rows
+    # 60 of 144 with a router that prefers the top of the image: 72 tiles of 1x2, and the 12 tiles
+    # left out are spread over the tile grid (every two rows of the image keep 10 tokens), where
+    # taking the best 60 tiles would empty the two bottom rows
     prior = -torch.arange(144, dtype=torch.float32).div(12, rounding_mode="floor")[None]
     top = top_mask(RouterOutput(prior, torch.zeros(1, 3), [144], [(12, 12)]).selection_scores(torch.tensor([60])), torch.tensor([60]))[0]
-    assert top.view(36, 4).any(1).all() and top.view(12, 12)[10:].sum() == 6
+    assert top.view(72, 2).sum(1).le(1).all() and top.view(6, 24).sum(1).eq(10).all()
+    # above half: 100 of 144 drops 44, the router's worst token of each of 44 tiles (closest count
+    # for 44 in a 12 x 12 grid: 2 x 2 tiles, 36; then 8 more), so no 2 x 2 quadrant loses more than two
+    low = top_mask(RouterOutput(prior, torch.zeros(1, 3), [144], [(12, 12)]).selection_scores(torch.tensor([100])), torch.tensor([100]))[0]
+    lost = (~low).view(6, 2, 6, 2).sum((1, 3))
+    assert lost.ge(1).all() and lost.le(2).all() and lost.sum() == 44
     # 38 of 144: 2x2 tiles (36) rather than 1x3 (48), so every 2x2 quadrant keeps a token
     quads = top_mask(stratified_scores([144], [(12, 12)], torch.tensor([38]), gen, 144), torch.tensor([38]))[0]
     assert len({(i // 12 // 2, i % 12 // 2) for i in quads.nonzero().squeeze(1).tolist()}) == 36

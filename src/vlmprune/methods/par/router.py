@@ -10,7 +10,8 @@ see the question. Heads give one logit per visual token and one per decoder laye
 
 Kept visual tokens are chosen by *tile-balanced* top-k (`balanced_scores`, the default
 ``RouterConfig.balanced``): for a budget of k tokens the image grid is cut into about k tiles and
-the router's best token of every tile is kept before a second of any. Visual tokens of one image
+the router's best token of every tile is kept before a second of any (above half the tokens, the
+router's worst token of every tile is dropped, for tiles sized to the tokens dropped). Visual tokens of one image
 carry overlapping content, so coverage of the image matters more than any single token (plain top-k
 of per-token scores keeps contiguous regions and loses whole objects); the router decides which
 token of each tile survives, and where its logits differ most.
@@ -130,8 +131,12 @@ def _closest(k: int, shapes) -> tuple:
 def balanced_row(logits: torch.Tensor, grid, k: int) -> torch.Tensor:
     """``[n]`` scores whose top-k takes the best token of every tile (`tiles`) before a second of any.
     Where there are more tiles than k, the tiles that get one are themselves chosen tile-balanced
-    (recursively, over the tile grid, by each tile's best logit); second and later rounds go by logit."""
+    (recursively, over the tile grid, by each tile's best logit); second and later rounds go by logit.
+    Above half the tokens the rule is applied to what is dropped: the n - k dropped tokens are the
+    worst token of every tile for a budget of n - k, so drops are spread over the image too."""
     n = logits.shape[0]
+    if n < 2 * k < 2 * n:
+        return -balanced_row(-logits, grid, n - k)
     tile, tile_grid = tiles(n, grid, k)
     tile = tile.to(logits.device)
     # sort by tile, then by logit (descending) inside a tile: rank = place within the tile

@@ -29,7 +29,7 @@ from .flows import NOISE_SCALES, candidate_masks, flow_kl, plan_from_masks, repe
 from .router import Router, RouterConfig
 
 LOSSES = ("preference", "distill")
-TOKEN_BUDGETS = (0.11, 0.25, 0.5)  # shares of visual tokens sampled in training (plus the requested one)
+TOKEN_BUDGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # visual-token shares sampled in training (plus the requested one)
 LAYER_BUDGETS = (0.5, 0.67, 0.83)  # shares of decoder layers (plus the requested one)
 EVAL_SEED = 424_242  # training scenes for the fixed monitoring batch
 
