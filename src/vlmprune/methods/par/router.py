@@ -11,8 +11,8 @@ see the question. Heads give one logit per visual token and one per decoder laye
 Kept visual tokens are chosen by *tile-balanced* top-k (`balanced_scores`, the default
 ``RouterConfig.balanced``): for a budget of k tokens the image grid is cut into about k tiles and
 the router's best token of every tile is kept before a second of any (above half the tokens, the
-router's worst token of every tile is dropped, for tiles sized to the tokens dropped). Visual tokens of one image
-carry overlapping content, so coverage of the image matters more than any single token (plain top-k
+router's worst token of every tile is dropped, for tiles sized to the tokens dropped). Visual tokens
+of one image carry overlapping content, so coverage of the image matters more than any single token (plain top-k
 of per-token scores keeps contiguous regions and loses whole objects); the router decides which
 token of each tile survives, and where its logits differ most.
 """
