@@ -17,7 +17,7 @@ from ..engine.plan import Plan
 from ..pruned_model import PrunedModel
 from ..testbed import data
 from ..testbed.encode import encode
-from .flops import flops as price, prefill_flops
+from .flops import flops as price
 
 
 @dataclass
@@ -67,7 +67,6 @@ def evaluate(
     predictions: list[str] = []
     vis_in = vis_kept = layers = flops = cost = full = 0.0
     seconds = 0.0
-    cfg = pm.adapter.text_config
     for start in tqdm(range(0, len(samples), batch_size), desc="eval", disable=not progress, leave=False):
         batch = samples[start : start + batch_size]
         inputs = encode(batch, tokenizer)
@@ -84,8 +83,8 @@ def evaluate(
         vis_in += float(st.visual_tokens[:, 0].sum())
         vis_kept += float(st.visual_tokens[:, -1].sum())
         layers += float(st.layers_run.sum())
-        flops += float(prefill_flops(cfg, st).sum())
         report = price(pm, st, vision=False)
+        flops += float((report.lm_prefill + report.lm_head).sum())
         cost += float((report.lm_prefill + report.scoring).sum())
         full += float(report.lm_prefill_full.sum())
     n = len(samples)

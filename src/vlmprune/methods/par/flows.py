@@ -105,7 +105,7 @@ def gumbel(shape, generator: torch.Generator) -> torch.Tensor:
 
 def perturbed(base: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
     """`base` plus Gumbel noise times `scale`; pure noise (a uniformly random top-k) at ``scale = inf``."""
-    noise = gumbel(base.shape, generator)
+    noise = gumbel(base.shape, generator).to(base.device)
     return noise if scale == float("inf") else base + scale * noise
 
 
@@ -152,9 +152,8 @@ def candidate_masks(
     tokens.append(router.selection_scores(keep_tokens))
     layers.append(layer_logits)
     for _ in range(router_samples):
-        noisy = token_logits + gumbel(token_logits.shape, generator).to(token_logits.device)
-        tokens.append(router.selection_scores(keep_tokens, noisy))
-        layers.append(layer_logits + gumbel(layer_logits.shape, generator).to(layer_logits.device))
+        tokens.append(router.selection_scores(keep_tokens, perturbed(token_logits, 1.0, generator)))
+        layers.append(perturbed(layer_logits, 1.0, generator))
     for _ in range(stratified):
         tokens.append(stratified_scores(router.n_visual, router.grids, keep_tokens, generator, valid.shape[1]).to(token_logits.device))
         layers.append(l_base)
