@@ -24,7 +24,8 @@ from ...engine.plan import Plan
 from ...engine.runner import prefill
 from ...models.base import PreparedInputs
 from ..base import last_token_attention
-from .router import RouterOutput, balanced_scores
+from ..tiles import balanced_scores
+from .router import RouterOutput
 
 NOISE_SCALES = (0.0, 0.5, 1.0, 2.0, 4.0, float("inf"))  # inf: a uniformly random selection
 LAYER_EXPLORATION_SCALES = (1.0, float("inf"))  # cycled over the layer-exploration flows
@@ -120,7 +121,7 @@ def _standardize(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 def stratified_scores(n_visual: list[int], grids, keep: torch.Tensor, generator: torch.Generator, width: int) -> torch.Tensor:
     """``[B, width]`` scores whose top-``keep[b]`` is a stratified random sample of sample b's visual
-    tokens: one random token of every tile (`router.tiles`) before a second of any."""
+    tokens: one random token of every tile (`methods.tiles.tiles`) before a second of any."""
     return balanced_scores(torch.rand(len(n_visual), width, generator=generator), n_visual, grids, keep)
 
 
