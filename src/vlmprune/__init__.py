@@ -11,12 +11,12 @@ from .engine.plan import Plan
 from .errors import VlmpruneError
 from .eval.flops import FlopsReport, flops
 from .loading import load, wrap
-from .methods import PAR, AtFlops, Compose, FastV, PDrop, Pool, Random, RandomLayers, ShortGPT, SparseVLM, VisionZip, build_method
+from .methods import PAR, AtFlops, Compose, FastV, PDrop, Pool, Random, RandomLayers, ShortGPT, SparseVLM, StratifiedRandom, VisionZip, build_method
 from .pruned_model import GenerationResult, PrunedModel, PrunedOutput
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AtFlops", "FlopsReport", "flops",
-    "Compose", "FastV", "PAR", "PDrop", "Pool", "Random", "RandomLayers", "ShortGPT", "SparseVLM", "VisionZip", "build_method",
+    "Compose", "FastV", "PAR", "PDrop", "Pool", "Random", "RandomLayers", "ShortGPT", "SparseVLM", "StratifiedRandom", "VisionZip", "build_method",
     "GenerationResult", "Plan", "PrunedModel", "PrunedOutput", "VlmpruneError", "load", "wrap"]

@@ -20,6 +20,7 @@ TOKEN_METHODS = {
     "pdrop": dict(stages=(0.34, 0.67)),
     "sparsevlm": dict(stages=(0.34, 0.67)),
     "random": dict(),
+    "stratified-random": dict(),
     "pool": dict(),
     "visionzip": dict(),
 }

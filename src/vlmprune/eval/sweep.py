@@ -7,11 +7,12 @@ accounting and latency, written to ``results.json``, ``table.md`` and ``pareto.p
 
 **Budgets.** One ``keep`` value in (0, 1] drives every method through the registry, by the budget
 field its config dataclass has: a token method (a ``keep`` field: fastv, pdrop, sparsevlm, visionzip,
-random, pool, ...) gets ``keep`` as its visual-token ratio; a layer method (a ``keep_layers`` field:
-shortgpt, random-layers) keeps ``max(1, round(keep * n_layers))`` decoder layers (halves round up).
-A method that needs calibration (a ``calibrate`` method: ShortGPT) is calibrated once per sweep, on
-`calib` FashionScenes *training* scenes (seed 12345; never the evaluation split) unless `calibration`
-samples are given, and that calibration serves every budget (Block Influence does not depend on it).
+random, stratified-random, pool, ...) gets ``keep`` as its visual-token ratio; a layer method (a
+``keep_layers`` field: shortgpt, random-layers) keeps ``max(1, round(keep * n_layers))`` decoder
+layers (halves round up). A method that needs calibration (a ``calibrate`` method: ShortGPT) is
+calibrated once per sweep, on `calib` FashionScenes *training* scenes (seed 12345; never the
+evaluation split) unless `calibration` samples are given, and that calibration serves every budget
+(Block Influence does not depend on it).
 
 **Resuming.** ``results.json`` is rewritten atomically (temporary file + rename) after every point, so
 an interrupted sweep never leaves a half-written file and a re-run resumes: a point whose key

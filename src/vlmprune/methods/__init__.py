@@ -14,6 +14,7 @@ from .token.pdrop import PDrop
 from .token.pool import Pool
 from .token.random import Random
 from .token.sparsevlm import SparseVLM
+from .token.stratified_random import StratifiedRandom
 from .token.visionzip import VisionZip
 
-__all__ = ["METHODS", "AtFlops", "Compose", "FastV", "PAR", "PARLayers", "PARTokens", "PDrop", "Pool", "Random", "RandomLayers", "ShortGPT", "SparseVLM", "VisionZip", "block_influence", "build_method", "register_method"]
+__all__ = ["METHODS", "AtFlops", "Compose", "FastV", "PAR", "PARLayers", "PARTokens", "PDrop", "Pool", "Random", "RandomLayers", "ShortGPT", "SparseVLM", "StratifiedRandom", "VisionZip", "block_influence", "build_method", "register_method"]
