@@ -33,11 +33,16 @@ class VQAResult:
     lm_share: float = 1.0  # LM prefill cost with the method's scoring (router included) / the unpruned prefill
     chance: dict[str, float] = field(default_factory=dict)
     predictions: list[str] = field(default_factory=list, repr=False)
+    correct: list[bool] = field(default_factory=list, repr=False)  # per question, in evaluation order
 
-    def to_dict(self, with_predictions: bool = False) -> dict:
+    def to_dict(self, with_predictions: bool = False, with_correct: bool = False) -> dict:
+        """The summary; `with_predictions` / `with_correct` add the per-question answers / correctness
+        (e.g. for `eval.bootstrap.paired_bootstrap` between two runs on the same questions)."""
         out = asdict(self)
         if not with_predictions:
             out.pop("predictions")
+        if not with_correct:
+            out.pop("correct")
         return out
 
 
@@ -63,8 +68,9 @@ def evaluate(
     tokenizer = pm.processor.tokenizer
     vocab = tokenizer.get_vocab()
     inv = {i: w for w, i in vocab.items()}
-    correct: dict[str, list[bool]] = defaultdict(list)
+    by_type: dict[str, list[bool]] = defaultdict(list)
     predictions: list[str] = []
+    correct: list[bool] = []
     vis_in = vis_kept = layers = flops = cost = full = 0.0
     seconds = 0.0
     for start in tqdm(range(0, len(samples), batch_size), desc="eval", disable=not progress, leave=False):
@@ -78,7 +84,8 @@ def evaluate(
         for s, g in zip(batch, guess):
             word = inv.get(g, "<unk>")
             predictions.append(word)
-            correct[s.qtype].append(word == s.answer)
+            correct.append(word == s.answer)
+            by_type[s.qtype].append(correct[-1])
         st = out.stats
         vis_in += float(st.visual_tokens[:, 0].sum())
         vis_kept += float(st.visual_tokens[:, -1].sum())
@@ -88,10 +95,9 @@ def evaluate(
         cost += float((report.lm_prefill + report.scoring).sum())
         full += float(report.lm_prefill_full.sum())
     n = len(samples)
-    flat = [c for v in correct.values() for c in v]
     return VQAResult(
-        accuracy=sum(flat) / max(n, 1),
-        per_type={q: sum(v) / len(v) for q, v in sorted(correct.items())},
+        accuracy=sum(correct) / max(n, 1),
+        per_type={q: sum(v) / len(v) for q, v in sorted(by_type.items())},
         n=n,
         visual_tokens_in=vis_in / n,
         visual_tokens_kept=vis_kept / n,
@@ -101,4 +107,5 @@ def evaluate(
         lm_share=cost / full if full else 1.0,
         chance=data.chance_accuracy(samples),
         predictions=predictions,
+        correct=correct,
     )
