@@ -185,7 +185,7 @@ def _cmd_router_train(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     options = dict(steps=args.steps, batch_size=args.batch_size, loss=args.loss, lr=args.lr, token_layer=args.token_layer,
-                   width=args.width, depth=args.depth)
+                   width=args.width, depth=args.depth, attention_weight=args.attention_weight)
     cfg = RouterTrainConfig(out=args.out, model=args.model, tokens=args.tokens, layers=args.layers, seed=args.seed,
                             sample_budgets=not args.fixed_budget, **{k: v for k, v in options.items() if v is not None})
     record = train_router(cfg, stop_after=args.stop_after)
@@ -300,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--token-layer", type=int, help="decoder layer K from which dropped visual tokens are gone (default 0)")
     rt.add_argument("--width", type=int, help="router width (default 64)")
     rt.add_argument("--depth", type=int, help="router transformer layers (default 1)")
+    rt.add_argument("--attention-weight", type=float, help="weight of the auxiliary distillation of the teacher's attention ranking (default 0)")
     rt.add_argument("--seed", type=int, default=0)
     rt.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     rt.add_argument("--stop-after", type=int, help="stop (saving the state) after this many steps")

@@ -145,11 +145,42 @@ def test_par_plan_is_the_routers_selection_and_runs_physically(tiny_models, fami
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_par_batch_equals_alone_and_holds_through_decoding(tiny_models, family, tmp_path):
+def test_router_at_layer_k_reads_layer_ks_hidden_states_of_the_unmodified_model(tiny_models, family, tmp_path):
+    """At K = 2 the router scores the input of layer 2 (the unmodified model's hidden_states[2]); its
+    tokens leave from layer 2 on, and it skips only layers >= 2."""
+    model = tiny_models(family)
+    pm = vlmprune.wrap(model)
+    batch = make_batch(family, model, [4], [3])
+    path, router = _router_dir(tmp_path, pm, seed=2, token_layer=2)
+    with torch.no_grad():
+        hidden = model(**batch.hf_kwargs(family), output_hidden_states=True).hidden_states[2]
+    prep = pm.prepare(**batch.kwargs())
+    from dataclasses import replace
+
+    with torch.no_grad():
+        scores = router(replace(prep, inputs_embeds=hidden), 0.25, 0.5)
+    out = pm(**batch.kwargs(), prune=PAR.load(path, tokens=0.25, layers=0.5))
+    plan, n = out.stats.plan, batch.n_visual[0]
+    k = max(1, round(0.25 * n))
+    assert list(plan.keep) == [2]
+    assert set(plan.keep[2][0].tolist()) == _balanced_reference(scores.token_logits[0, :n].tolist(), prep.visual_grids[0], k)
+    assert set(plan.skip[0]) == {int(i) + 2 for i in scores.layer_logits[0, 2:].topk(3, largest=False).indices}
+    assert out.stats.visual_tokens[0, :2].tolist() == [n, n] and int(out.stats.visual_tokens[0, -1]) == k
+    assert out.stats.layers_run[0, :2].all() and int(out.stats.layers_run[0].sum()) == 3
+    with pytest.raises(vlmprune.VlmpruneError, match="layers 0..1 always run"):
+        pm(**batch.kwargs(), prune=PARLayers(router=str(path), keep_layers=1))
+    # composed with a method that drops tokens before K, the router cannot read every token
+    with pytest.raises(vlmprune.VlmpruneError, match="reads every token at layer 2"):
+        pm(**batch.kwargs(), prune=[vlmprune.Random(keep=0.5), PARTokens(router=str(path), keep=0.25)])
+
+
+@pytest.mark.parametrize("token_layer", [0, 2])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_par_batch_equals_alone_and_holds_through_decoding(tiny_models, family, token_layer, tmp_path):
     model = tiny_models(family)
     pm = vlmprune.wrap(model)
     batch = make_batch(family, model, [2, 7], [5, 1], "left", seed=3)
-    path, _ = _router_dir(tmp_path, pm, seed=1)
+    path, _ = _router_dir(tmp_path, pm, seed=1, token_layer=token_layer)
     par = PAR.load(path, tokens=0.25, layers=0.67)
     together = pm.generate(**batch.kwargs(), prune=par, max_new_tokens=5, return_dict=True)
     for b in range(2):
@@ -166,8 +197,11 @@ def test_par_batch_equals_alone_and_holds_through_decoding(tiny_models, family, 
         ran = [i for i in range(pm.n_layers) if i not in skipped]
         n_text = int(batch.attention_mask[b].sum()) - batch.n_visual[b]
         kept = max(1, round(0.25 * batch.n_visual[b]))
-        # the prompt's text, the kept visual tokens and the 4 decoded tokens fed back (the 5th is not)
-        assert (stats.kv_entries[b, ran] == n_text + kept + 4).all()
+        # the prompt's text, the visual tokens present (all before K, the kept ones from K on) and the
+        # 4 decoded tokens fed back (the 5th is not)
+        assert min(skipped) >= token_layer
+        for i in ran:
+            assert int(stats.kv_entries[b, i]) == n_text + (kept if i >= token_layer else batch.n_visual[b]) + 4
 
 
 def test_router_flops_are_counted_and_priced(tiny_models, tmp_path):
@@ -190,8 +224,9 @@ def test_router_flops_are_counted_and_priced(tiny_models, tmp_path):
 
 @pytest.mark.parametrize("token_layer", [0, 1])
 def test_par_prices_itself_as_its_runs_cost(tiny_models, tmp_path, monkeypatch, token_layer):
-    """`lm_counts` (what AtFlops prices) equals the accounting of the real run, for every version; with
-    K = 0 it needs no routing pass (the cost does not depend on which tokens or layers are picked)."""
+    """`lm_counts` (what AtFlops prices) equals the accounting of the real run, for every version, with
+    no routing pass (from the token layer K on every layer sees the same tokens, and only those layers
+    can be skipped, so the cost does not depend on which tokens or layers are picked)."""
     from vlmprune.eval.flops import LMCounts, lm_share
 
     model = tiny_models("llava")
@@ -209,7 +244,7 @@ def test_par_prices_itself_as_its_runs_cost(tiny_models, tmp_path, monkeypatch, 
         actual = LMCounts.from_stats(run.stats)
         assert torch.equal(counts.macs(pm.adapter.text_config)["layers"], actual.macs(pm.adapter.text_config)["layers"])
         assert lm_share(pm.adapter.text_config, counts) == pytest.approx(vlmprune.flops(pm, run.stats).batch_share)
-        assert routed == (1 if token_layer and isinstance(method, PAR) else 0)
+        assert routed == 0
 
 
 def test_flow_kl_matches_separate_runs(tiny_models):

@@ -28,7 +28,8 @@ class LayerPolicy(Protocol):
 
     def select(self, layer: int, view: "StageView") -> "torch.Tensor | Sequence[torch.Tensor] | Plan":
         """Per-sample visual-token indices (original numbering) that survive from `layer` on, or a
-        `Plan` with a keep (and optionally merge) stage at `layer`."""
+        `Plan` with a keep (and optionally merge) stage at `layer` and optionally layers to skip
+        (`layer` or later: the layers before it have run)."""
         ...
 
 
@@ -150,6 +151,7 @@ def prefill(
     state = TokenState.from_prepared(prep)
     cache = LayerwiseKVCache(n_layers, batch)
     layer_rows = _layer_rows(plan, batch, n_layers, prep.input_ids.device)
+    skips = plan.skip  # grows when a policy skips later layers
     stages: dict[int, KeepRows] = dict(plan.keep)
     merges: dict[int, KeepRows] = dict(plan.merge)
     tokens = torch.zeros(batch, n_layers, dtype=torch.long)
@@ -166,9 +168,13 @@ def prefill(
             decision = by_layer[i].select(i, view)
             decided = decision if isinstance(decision, Plan) else Plan(keep={i: decision})
             decided.validate(n_layers, prep.n_visual)
-            stages[i] = _restrict(decided.keep[i], state.kept_visual(), i)
+            if i in decided.keep:  # (a decision may only skip later layers)
+                stages[i] = _restrict(decided.keep[i], state.kept_visual(), i)
             if i in decided.merge:
                 merges[i] = decided.merge[i]
+            if any(decided.skip_sets(batch)):
+                skips = _later_skips(skips, decided.skip_sets(batch), i)
+                layer_rows = _layer_rows(Plan(skip=skips), batch, n_layers, prep.input_ids.device)
         if i in stages:
             state = state.keep_visual(stages[i], merges.get(i))
             mask = rope = None
@@ -204,11 +210,20 @@ def prefill(
         raise VlmpruneError("logits_to_keep must be 0 (every token) or 1 (each sample's last token)")
     logits = dec.lm_head(dec.norm(hidden))
     last_logits = logits[:, -1] if logits_to_keep == 1 else logits[b, last]
-    applied = Plan(keep=stages, skip=plan.skip, merge=merges, overhead=plan.overhead)
+    applied = Plan(keep=stages, skip=skips, merge=merges, overhead=plan.overhead)
     head_rows = torch.ones(batch, dtype=torch.long) if logits_to_keep == 1 else state.token_counts().cpu()
     input_visual = (prep.visual_mask & prep.attention_mask).sum(1).cpu()
     stats = RunStats(tokens, visual, ran, cache.entries(), applied, cache.nbytes(), input_visual, head_rows, score_rows)
     return PrefillResult(logits, token_index, last_logits, cache, prep.next_position, stats)
+
+
+def _later_skips(skips, decided: tuple[frozenset[int], ...], layer: int) -> tuple[frozenset[int], ...]:
+    """The skip sets so far (shared or per sample) joined with a policy's, which may name only `layer` or later."""
+    for b, row in enumerate(decided):
+        if row and min(row) < layer:
+            raise VlmpruneError(f"the decision at layer {layer} skips layer {min(row)} of sample {b}, which has already run")
+    mine = skips if isinstance(skips, tuple) else (skips,) * len(decided)
+    return tuple(frozenset(a) | b for a, b in zip(mine, decided))
 
 
 def _restrict(chosen: KeepRows, present: KeepRows, layer: int) -> KeepRows:

@@ -115,8 +115,8 @@ class AtFlops:
     def candidates(self, pm, prep) -> list[float | int]:
         """Budget values in increasing order: every layer count, or every token count as a ratio of each
         sample's visual tokens."""
-        if self.knob == "keep_layers":
-            return list(range(1, pm.n_layers + 1))
+        if self.knob == "keep_layers":  # from the method's floor, e.g. a router's layers that always run
+            return list(range(self.method.min_layers(pm) if hasattr(self.method, "min_layers") else 1, pm.n_layers + 1))
         counts = {n for n in prep.n_visual if n}
         if not counts:
             raise VlmpruneError("a token budget needs visual tokens; the batch has none")

@@ -36,11 +36,13 @@ class Teacher:
     """The unpruned model on one batch: ``log_probs [B, V]`` of the next token (the answer's first
     token, which the teacher's greedy answer is), ``token_scores [B, Vmax]`` the last token's attention
     to each visual token in `score_layer` (mean over heads; -inf past a sample's count), and
-    ``layer_scores [B, n_layers]`` each layer's Block Influence ``1 - cos(input, output)``."""
+    ``layer_scores [B, n_layers]`` each layer's Block Influence ``1 - cos(input, output)``, and
+    ``hidden [B, L, D]`` the input hidden states of the router's token layer (what the router reads)."""
 
     log_probs: torch.Tensor
     token_scores: torch.Tensor
     layer_scores: torch.Tensor
+    hidden: torch.Tensor
 
 
 class _AttentionRecorder:
@@ -56,14 +58,17 @@ class _AttentionRecorder:
 
 
 @torch.no_grad()
-def teacher_pass(pm, prep: PreparedInputs, score_layer: int = 1) -> Teacher:
-    """Run the unpruned model once, recording what the candidate flows need."""
+def teacher_pass(pm, prep: PreparedInputs, score_layer: int = 1, token_layer: int = 0) -> Teacher:
+    """Run the unpruned model once, recording what the candidate flows and the router need."""
     batch, n_layers = prep.input_ids.shape[0], pm.n_layers
     recorder = _AttentionRecorder(min(score_layer + 1, n_layers - 1))
     sums = torch.zeros(batch, n_layers, dtype=torch.float64)
     counts = torch.zeros(batch, n_layers, dtype=torch.float64)
+    seen = {0: prep.inputs_embeds}
 
     def observe(layer, hidden_in, hidden_out, valid):
+        if layer == token_layer:
+            seen[layer] = hidden_in
         cos = F.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1).masked_fill(~valid, 0)
         sums[:, layer] += cos.sum(1).double().cpu()
         counts[:, layer] += valid.sum(1).double().cpu()
@@ -73,7 +78,7 @@ def teacher_pass(pm, prep: PreparedInputs, score_layer: int = 1) -> Teacher:
     width = max(prep.n_visual)
     if scores.shape[1] < width:
         scores = F.pad(scores, (0, width - scores.shape[1]), value=float("-inf"))
-    return Teacher(res.last_logits.float().log_softmax(-1), scores, (1 - sums / counts.clamp(min=1)).float())
+    return Teacher(res.last_logits.float().log_softmax(-1), scores, (1 - sums / counts.clamp(min=1)).float(), seen[token_layer])
 
 
 def repeat_prepared(prep: PreparedInputs, repeats: int) -> PreparedInputs:
@@ -134,21 +139,22 @@ def candidate_masks(
     generator: torch.Generator,
     stratified: int = 0,
     layer_flows: int = 0,
+    token_layer: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(tokens [B, C, Vmax], layers [B, C, n_layers])`` bool masks of C candidate flows per sample:
     one per `NOISE_SCALES` from the teacher's scores, the router's own selection (at index
     ``len(NOISE_SCALES)``), `router_samples` selections from Gumbel-perturbed router logits, and
     `stratified` stratified random token samples with the teacher's top layers, and `layer_flows`
     flows of the router's own tokens with layers from Block Influence plus Gumbel noise of the
-    `LAYER_EXPLORATION_SCALES` in turn.
+    `LAYER_EXPLORATION_SCALES` in turn. Layers before `token_layer` run in every flow.
     `keep_tokens` / `keep_layers` ``[B]``: counts to keep."""
     token_logits, layer_logits = router.token_logits.detach(), router.layer_logits.detach()
     valid = torch.isfinite(token_logits)
     t_base = _standardize(teacher.token_scores.clamp(min=0), valid)
     l_base = _standardize(teacher.layer_scores.clamp(min=0), torch.ones_like(teacher.layer_scores, dtype=torch.bool))
     tokens, layers = [], []
-    for scale in NOISE_SCALES:
-        tokens.append(perturbed(t_base, scale, generator).masked_fill(~valid, float("-inf")))
+    for scale in NOISE_SCALES:  # under the router's own selection rule (tile-balanced by default)
+        tokens.append(router.selection_scores(keep_tokens, perturbed(t_base, scale, generator).masked_fill(~valid, float("-inf"))))
         layers.append(perturbed(l_base, scale, generator))
     tokens.append(router.selection_scores(keep_tokens))
     layers.append(layer_logits)
@@ -162,6 +168,7 @@ def candidate_masks(
         tokens.append(tokens[len(NOISE_SCALES)])
         layers.append(perturbed(l_base, LAYER_EXPLORATION_SCALES[i % len(LAYER_EXPLORATION_SCALES)], generator))
     t_scores, l_scores = torch.stack(tokens, 1), torch.stack(layers, 1)
+    l_scores[..., :token_layer] = float("inf")
     token_masks = top_mask(t_scores, keep_tokens[:, None].expand(-1, t_scores.shape[1])) & valid[:, None]
     layer_masks = top_mask(l_scores, keep_layers[:, None].expand(-1, l_scores.shape[1]))
     return token_masks, layer_masks

@@ -6,14 +6,16 @@ decoder layers), ``par-tokens`` (tokens only) and ``par-layers`` (layers only, `
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ...engine.plan import Plan
+from ...engine.runner import StageView
 from ...errors import VlmpruneError
 from ...eval.flops import LMCounts
+from ...models.base import PreparedInputs
 from ..base import check_keep, check_keep_layers, keep_count, layer_count
 from ..budget import sample_shapes
 from ..registry import register_method
@@ -29,7 +31,8 @@ def check_share(value, what: str) -> float:
 
 def plan_from_scores(out: RouterOutput, keep: float | int | None, layers: int | None, token_layer: int, overhead=0.0) -> Plan:
     """The router's `keep` visual tokens (None: all; tile-balanced top-k unless the router is plain)
-    from `token_layer` on and its top-`layers` decoder layers (None: all) of each sample."""
+    from `token_layer` on and its top-`layers` decoder layers (None: all) of each sample; the layers
+    before `token_layer` always run (the router reads their output)."""
     stages, skip = {}, ()
     if keep is not None:
         counts = torch.tensor([keep_count(keep, n) for n in out.n_visual])
@@ -37,8 +40,42 @@ def plan_from_scores(out: RouterOutput, keep: float | int | None, layers: int | 
         stages = {token_layer: [scores[b, :n].topk(int(counts[b])).indices for b, n in enumerate(out.n_visual)]}
     if layers is not None:
         n_layers = out.layer_logits.shape[1]
-        skip = [sorted(row.topk(n_layers - layers, largest=False).indices.tolist()) for row in out.layer_logits]
+        check_router_layers(layers, n_layers, token_layer)
+        later = out.layer_logits[:, token_layer:]
+        skip = tuple(frozenset((row.topk(n_layers - layers, largest=False).indices + token_layer).tolist()) for row in later)
     return Plan(keep=stages, skip=skip, overhead=overhead)
+
+
+def check_router_layers(layers: int, n_layers: int, token_layer: int) -> None:
+    if not token_layer <= layers <= n_layers:
+        raise VlmpruneError(
+            f"{layers} decoder layers kept, but this router reads the hidden states at layer {token_layer}, so layers "
+            f"0..{token_layer - 1} always run: keep {max(1, token_layer)}..{n_layers} layers (or use a router with a lower --token-layer)"
+        )
+
+
+@dataclass
+class RouterStage:
+    """The in-model half of PAR at a token layer K >= 1: before layer K runs, the router reads every
+    token's hidden state (layer K's input) and decides the visual tokens kept from K on and the layers
+    skipped from K on."""
+
+    router: Router
+    prep: PreparedInputs
+    keep: float | int | None
+    keep_layers: int | None
+    shares: tuple[float, float]
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return (self.router.config.token_layer,)
+
+    def select(self, layer: int, view: StageView) -> Plan:
+        if view.state.visual_counts().tolist() != self.prep.n_visual or view.state.hidden.shape[:2] != self.prep.input_ids.shape:
+            raise VlmpruneError(f"PAR's router reads every token at layer {layer}; compose it only with methods that act at or after that layer")
+        with torch.no_grad():
+            out = self.router(replace(self.prep, inputs_embeds=view.state.hidden), *self.shares)
+        return plan_from_scores(out, self.keep, self.keep_layers, layer)
 
 
 class _RouterMethod:
@@ -57,30 +94,42 @@ class _RouterMethod:
         """(visual tokens kept, layers kept) with None for all."""
         raise NotImplementedError
 
+    def min_layers(self, pm) -> int:
+        """The fewest layers a plan can keep: the layers before the router's token layer always run."""
+        return max(1, self._router(pm).config.token_layer)
+
     def decide(self, pm, prep):
+        """At token layer K = 0 the router reads the input embeddings and the whole plan is decided
+        before the LLM; at K >= 1 it reads layer K's input hidden states, so it decides in the model
+        (`RouterStage`), with no extra pass: layers 0..K-1 run over every token anyway."""
         keep, layers = self._budget(pm)
         router = self._router(pm)
-        device = prep.inputs_embeds.device
-        router.to(device)
+        router.to(prep.inputs_embeds.device)
+        token_layer = router.config.token_layer
+        if layers is not None:
+            check_router_layers(layers, pm.n_layers, token_layer)
         token_share = 1.0 if keep is None else (keep if isinstance(keep, float) else keep / max(1, max(prep.n_visual)))
         layer_share = 1.0 if layers is None else layers / pm.n_layers
+        overhead = router.macs(prep).cpu()
+        if token_layer > 0:
+            return Plan(overhead=overhead), [RouterStage(router, prep, keep, layers, (token_share, layer_share))]
         with torch.no_grad():
             out = router(prep, token_share, layer_share)
-        return plan_from_scores(out, keep, layers, router.config.token_layer, router.macs(prep).cpu()), []
+        return plan_from_scores(out, keep, layers, token_layer, overhead), []
 
     def lm_counts(self, pm, prep) -> LMCounts:
-        """The language model's work as counts, for FLOPs budgets (`AtFlops`). The router's choices
-        do not change the cost when every layer sees the same tokens (token layer K = 0, or no token
-        or no layer budget), so no routing pass runs then; otherwise the plan is decided and priced."""
+        """The language model's work as counts, for FLOPs budgets (`AtFlops`), with no routing pass:
+        every layer from the token layer K on sees the same tokens and only those can be skipped, so
+        which tokens and layers the router picks does not change the cost."""
         keep, layers = self._budget(pm)
         router = self._router(pm)
+        token_layer = router.config.token_layer
+        if layers is not None:
+            check_router_layers(layers, pm.n_layers, token_layer)
         shapes = sample_shapes(prep)
         n_text, n_visual = [s.n_text for s in shapes], [s.n_visual for s in shapes]
-        if keep is not None and layers is not None and router.config.token_layer > 0:
-            plan, _ = self.decide(pm, prep)
-            return LMCounts.from_plan(plan, n_text, n_visual, pm.n_layers)
-        kept = [{} if keep is None else {router.config.token_layer: keep_count(keep, n)} for n in n_visual]
-        skip = [range(0 if layers is None else pm.n_layers - layers)] * len(shapes)  # which ones: same cost
+        kept = [{} if keep is None else {token_layer: keep_count(keep, n)} for n in n_visual]
+        skip = [range(token_layer, token_layer + (0 if layers is None else pm.n_layers - layers))] * len(shapes)
         counts = LMCounts.from_schedule(n_text, n_visual, pm.n_layers, kept, skip)
         counts.overhead = router.macs(prep).cpu().double()
         return counts

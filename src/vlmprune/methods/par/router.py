@@ -46,6 +46,7 @@ class RouterConfig:
     position_features: int = 16
     token_layer: int = 0
     balanced: bool = True
+    question_head: bool = True
 
     def __post_init__(self) -> None:
         for name in ("lm_hidden", "n_layers", "position_axes", "width", "heads", "depth", "ffn", "position_features"):
@@ -132,6 +133,9 @@ class Router(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, c.depth, enable_nested_tensor=False)
         self.norm_out = nn.LayerNorm(c.width)
         self.token_head = nn.Linear(c.width, 1)
+        if c.question_head:  # a visual token's logit gains <query(last token), key(token)> / sqrt(width)
+            self.query = nn.Linear(c.width, c.width)
+            self.key = nn.Linear(c.width, c.width)
         self.layer_head = nn.Linear(c.width, 1)
 
     def forward(self, prep: PreparedInputs, tokens: torch.Tensor | float, layers: torch.Tensor | float) -> RouterOutput:
@@ -149,7 +153,11 @@ class Router(nn.Module):
         x = torch.cat([x, extra], 1)
         pad = torch.cat([~prep.attention_mask, torch.zeros(batch, extra.shape[1], dtype=torch.bool, device=x.device)], 1)
         h = self.norm_out(self.encoder(x, src_key_padding_mask=pad))
-        token_scores = self.token_head(h[:, :length]).squeeze(-1)
+        token_scores = self.token_head(h[:, :length]).squeeze(-1)  # [B, L]
+        if c.question_head:
+            last = (torch.arange(length, device=x.device) * prep.attention_mask).argmax(1)  # each sample's last real token
+            query = self.query(h[torch.arange(batch, device=x.device), last])  # [B, W]
+            token_scores = token_scores + (self.key(h[:, :length]) @ query[:, :, None]).squeeze(-1) / math.sqrt(c.width)
         layer_logits = self.layer_head(h[:, length : length + c.n_layers]).squeeze(-1)
         counts = prep.n_visual
         width = max(counts) if counts else 0
@@ -167,4 +175,5 @@ class Router(nn.Module):
         inputs = n_real * (c.lm_hidden + 2 * c.position_features * (c.position_axes + 2)) * c.width
         budget = 2 * c.width + c.width**2
         heads = n_real + c.n_layers
-        return inputs + c.depth * per_layer + budget + heads * c.width
+        question = (n_real + 1) * c.width**2 + n_real * c.width if c.question_head else 0
+        return inputs + c.depth * per_layer + budget + heads * c.width + question

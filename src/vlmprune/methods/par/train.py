@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -56,6 +56,7 @@ class RouterTrainConfig:
     beta: float = 2.0
     margin: float = 0.05
     budget_weight: float = 1.0
+    attention_weight: float = 0.0
     lr: float = 3e-3
     width: int = 64
     depth: int = 1
@@ -125,6 +126,17 @@ def distill_loss(token_logits, layer_logits, token_masks, layer_masks, kl) -> to
     return (t * valid).sum() / valid.sum().clamp(min=1) + l
 
 
+def attention_loss(token_logits: torch.Tensor, teacher_scores: torch.Tensor) -> torch.Tensor:
+    """Listwise distillation of the teacher's attention ranking: per sample, the cross-entropy of the
+    softmax of the router's token logits against the teacher's attention to each visual token
+    (`flows.Teacher.token_scores`, normalised over the sample's visual tokens). Shapes ``[B, V]``."""
+    valid = torch.isfinite(token_logits)
+    target = teacher_scores.clamp(min=0).masked_fill(~valid, 0)
+    target = target / target.sum(1, keepdim=True).clamp(min=1e-12)
+    log_p = token_logits.masked_fill(~valid, float("-inf")).log_softmax(1).masked_fill(~valid, 0)
+    return -(target * log_p).sum(1).mean()
+
+
 def budget_loss(token_logits, layer_logits, token_share, layer_share) -> torch.Tensor:
     """Squared gap between the router's expected kept share (mean sigmoid) and the requested one."""
     valid = torch.isfinite(token_logits)
@@ -160,6 +172,10 @@ def train_router(cfg: RouterTrainConfig, pm=None, progress: bool = True, stop_af
     pm = pm if pm is not None else load(cfg.model)  # frozen: it only runs under no_grad
     if not 0 <= cfg.token_layer < pm.n_layers:
         raise VlmpruneError(f"token_layer={cfg.token_layer} is out of range: the model has decoder layers 0..{pm.n_layers - 1}")
+    lowest = min(layer_count(share, pm.n_layers) for _, share in cfg.budgets())
+    if lowest < cfg.token_layer:
+        raise VlmpruneError(f"a layer budget keeps {lowest} layers, fewer than token_layer={cfg.token_layer} (layers before it always run); "
+                            "raise --layers or lower --token-layer")
     torch.manual_seed(cfg.seed)
     router = Router(RouterConfig.for_model(pm, width=cfg.width, depth=cfg.depth, heads=cfg.heads, ffn=cfg.ffn, token_layer=cfg.token_layer))
     params = list(router.parameters())
@@ -195,7 +211,7 @@ def train_router(cfg: RouterTrainConfig, pm=None, progress: bool = True, stop_af
         inputs = batches[step % len(batches)] if batches is not None else _training_samples(cfg, step, tokenizer)
         with torch.no_grad():
             prep = pm.prepare(**inputs)
-            teacher = teacher_pass(pm, prep, cfg.score_layer)
+            teacher = teacher_pass(pm, prep, cfg.score_layer, cfg.token_layer)
         batch = prep.input_ids.shape[0]
         pick = torch.randint(len(budgets), (batch,), generator=gen)
         chosen = [budgets[i] for i in pick.tolist()]
@@ -205,8 +221,9 @@ def train_router(cfg: RouterTrainConfig, pm=None, progress: bool = True, stop_af
         token_share = torch.tensor([t for t, _ in chosen])
         layer_share = torch.tensor([l for _, l in chosen])
         router.train()
-        out_r = router(prep, token_share, layer_share)
-        token_masks, layer_masks = candidate_masks(teacher, out_r, keep_tokens, keep_layers, cfg.router_samples, gen, cfg.stratified, cfg.layer_flows)
+        out_r = router(replace(prep, inputs_embeds=teacher.hidden), token_share, layer_share)  # layer K's input, as at inference
+        token_masks, layer_masks = candidate_masks(teacher, out_r, keep_tokens, keep_layers, cfg.router_samples, gen, cfg.stratified,
+                                                   cfg.layer_flows, cfg.token_layer)
         c = token_masks.shape[1]
         flows = plan_from_masks(token_masks.flatten(0, 1), layer_masks.flatten(0, 1), cfg.token_layer)
         kl = flow_kl(pm, repeat_prepared(prep, c), flows, teacher.log_probs.repeat_interleave(c, 0)).view(batch, c)
@@ -217,6 +234,8 @@ def train_router(cfg: RouterTrainConfig, pm=None, progress: bool = True, stop_af
             main = distill_loss(out_r.token_logits, out_r.layer_logits, token_masks, layer_masks, kl)
         reg = budget_loss(out_r.token_logits, out_r.layer_logits, token_share, layer_share)
         loss = main + cfg.budget_weight * reg
+        if cfg.attention_weight:
+            loss = loss + cfg.attention_weight * attention_loss(out_r.token_logits, teacher.token_scores)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
