@@ -121,3 +121,35 @@ def test_merge_at_layer0_equals_feeding_the_merged_sequence(tiny_models, family)
     torch.testing.assert_close(out.last_logits, ref, atol=1e-4, rtol=0)
     assert out.stats.plan.merge[0][0].tolist() == assign.tolist()
     assert vlmprune.Plan.from_json(plan.to_json()) == plan
+
+
+class _DropAndSkipLater:
+    """A policy that, at its layer, keeps fixed visual tokens and skips later layers."""
+
+    def __init__(self, layer, keep, skip):
+        self.layers, self.keep, self.skip = (layer,), keep, skip
+
+    def select(self, layer, view):
+        return vlmprune.Plan(keep={layer: self.keep}, skip=self.skip)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
+def test_a_policy_may_skip_later_layers(tiny_models, family):
+    """A decision taken inside the model at layer 3 that also skips layers 4 and 5 equals the masked /
+    identity reference through prefill and decoding; skipping a layer that has run is refused."""
+    from vlmprune.engine.runner import prefill
+
+    model = tiny_models(family)
+    batch = make_batch(family, model, [3, 6, 1], [4, 2, 7], "left")
+    keep = _keep(batch, 0.25, seed=4)
+    pm = vlmprune.wrap(model)
+
+    class Method:
+        def decide(self, pm, prep):
+            return vlmprune.Plan(), [_DropAndSkipLater(3, keep, [4, 5])]
+
+    out = _check(pm, model, family, batch, Method(), keep, 3, (4, 5))
+    assert out.stats.plan.skip_sets(3) == (frozenset({4, 5}),) * 3 and not out.stats.layers_run[:, 4:].any()
+    prep = pm.prepare(**batch.kwargs())
+    with pytest.raises(vlmprune.VlmpruneError, match="skips layer 1 of sample 0, which has already run"):
+        prefill(pm.adapter, prep, vlmprune.Plan(), [_DropAndSkipLater(3, keep, [1, 4])])

@@ -338,7 +338,7 @@ def test_par_bad_inputs(tiny_models, tmp_path):
     with pytest.raises(vlmprune.VlmpruneError, match="corrupt"):
         PAR.load(path)
     with pytest.raises(vlmprune.VlmpruneError, match="needs a trained router"):
-        llava(**make_batch("llava", llava.model, [3], [4]).kwargs(), prune=PARLayers(keep_layers=3))
+        llava(**make_batch("llava", llava.model, [3], [4]).kwargs(), prune=PARLayers(router=None, keep_layers=3))
     with pytest.raises(vlmprune.VlmpruneError, match=r"--tokens 0 is outside"):
         RouterTrainConfig(out="x", tokens=0)
 
@@ -359,5 +359,7 @@ def test_router_cli_trains_on_the_testbed_and_serves_eval(tmp_path, capsys):
     assert "visual tokens 36 -> 36.0, layers run 4.00" in capsys.readouterr().out  # dropped before layer 0
     assert main(["eval", "--method", "par-layers", "--router", str(out), "--flops", "0.5", "--limit", "8"]) == 0
     assert "layers run 3.00" in capsys.readouterr().out
-    assert main(["eval", "--method", "par", "--limit", "8"]) == 2
-    assert "needs a trained router" in capsys.readouterr().err
+    # with no --router, the router shipped for the testbed (token layer 1: every token in layer 0)
+    assert main(["eval", "--method", "par-tokens", "--keep", "0.25", "--limit", "8"]) == 0
+    assert "visual tokens 144 -> 36.0" in capsys.readouterr().out
+    assert PAR.load().router == PAR.load("testbed").router and PAR().router == "testbed"

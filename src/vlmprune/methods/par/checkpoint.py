@@ -31,9 +31,18 @@ def save_router(router: Router, out_dir, info: dict | None = None) -> Path:
     return out
 
 
+def router_path(path) -> Path:
+    """A router directory; ``"testbed"`` is the router shipped for the embedded testbed model."""
+    if str(path) == "testbed":
+        from ...testbed import ASSETS
+
+        return ASSETS / "router"
+    return Path(path)
+
+
 def read_info(path) -> dict:
     """``router.json`` of a saved router (config and training information)."""
-    folder = Path(path)
+    folder = router_path(path)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         raise VlmpruneError(f"{folder} is not a PAR router: it needs {CONFIG} and {WEIGHTS} (train one with `vlmprune router train`)")
     try:
@@ -43,8 +52,8 @@ def read_info(path) -> dict:
 
 
 def load_router(path) -> Router:
-    """The router saved in `path` (cached per directory and file modification times), in eval mode."""
-    folder = Path(path).resolve()
+    """The router saved in `path` (a directory or ``"testbed"``; cached per directory and file modification times), in eval mode."""
+    folder = router_path(path).resolve()
     read_info(folder)
     stamps = tuple((folder / name).stat().st_mtime_ns for name in (CONFIG, WEIGHTS))
     return _load(str(folder), stamps)

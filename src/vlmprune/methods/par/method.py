@@ -19,7 +19,7 @@ from ...models.base import PreparedInputs
 from ..base import check_keep, check_keep_layers, keep_count, layer_count
 from ..budget import sample_shapes
 from ..registry import register_method
-from .checkpoint import load_router
+from .checkpoint import load_router, router_path
 from .router import Router, RouterOutput
 
 
@@ -79,7 +79,8 @@ class RouterStage:
 
 
 class _RouterMethod:
-    """What the three versions share: the router (loaded once per path) and the decision."""
+    """What the three versions share: the router (loaded once per path; ``"testbed"``, the default, is the
+    router shipped for the testbed model) and the decision."""
 
     router: str | None
 
@@ -145,7 +146,7 @@ class PAR(_RouterMethod):
         pm(**inputs, prune=par)
     """
 
-    router: str | None = None
+    router: str | None = "testbed"
     keep: float | int = 0.25
     layers: float = 0.75
 
@@ -154,8 +155,10 @@ class PAR(_RouterMethod):
         check_share(self.layers, "layers")
 
     @classmethod
-    def load(cls, path: str | Path, tokens: float | int = 0.25, layers: float = 0.75) -> "_RouterMethod":
-        """The version a budget asks for: hybrid, `PARTokens` with ``layers=1``, `PARLayers` with ``tokens=1``."""
+    def load(cls, path: str | Path = "testbed", tokens: float | int = 0.25, layers: float = 0.75) -> "_RouterMethod":
+        """The version a budget asks for: hybrid, `PARTokens` with ``layers=1``, `PARLayers` with ``tokens=1``.
+        `path`: a router directory, or ``"testbed"`` for the router shipped with the testbed model."""
+        path = router_path(path)
         load_router(path)  # fail early on a missing or corrupt checkpoint
         if layers == 1 and tokens != 1:
             return PARTokens(router=str(path), keep=tokens)
@@ -173,7 +176,7 @@ class PAR(_RouterMethod):
 class PARTokens(_RouterMethod):
     """Token-only PAR: the router's top `keep` visual tokens (ratio or count); every layer runs."""
 
-    router: str | None = None
+    router: str | None = "testbed"
     keep: float | int = 0.25
 
     def __post_init__(self) -> None:
@@ -189,7 +192,7 @@ class PARLayers(_RouterMethod):
     """Layer-only PAR: per sample, the router's top `keep_layers` decoder layers run (or a `layers`
     share when `keep_layers` is None); every visual token stays."""
 
-    router: str | None = None
+    router: str | None = "testbed"
     keep_layers: int | None = None
     layers: float = 0.75
 
