@@ -46,7 +46,7 @@ from vlmprune.testbed.encode import encode, encode_batches
 
 BASELINES = ("fastv", "pdrop", "sparsevlm", "visionzip", "random", "stratified-random", "pool", "shortgpt", "random-layers")
 HYBRID_LAYERS = (3 / 6, 4 / 6, 5 / 6)
-TOKEN_SHARES = (0.05, 0.1, 0.15, 0.3, 0.5, 0.7)  # the token table, for the main router
+TOKEN_SHARES = (0.05, 0.1, 0.3, 0.5)  # the token table, for the main router
 TARGET_SHARES = (0.1, 0.3)  # the token-choice targets (and the token table of the compared routers)
 STRATIFIED_SEEDS = (0, 1)
 FASTV_KEEP = 0.11  # FastV's 84.1% point of the issue: K = 2, 11% of the tokens
@@ -133,7 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--router", default="testbed", help="the router to benchmark ('testbed': the shipped one)")
     parser.add_argument("--compare", default="", help="other routers (e.g. at other token layers) for the token-layer table, comma-separated")
-    parser.add_argument("--shares", default="0.6,0.5,0.3")
+    parser.add_argument("--shares", default="0.6,0.3")
     parser.add_argument("--limit", type=int, help="evaluate the first N questions only")
     parser.add_argument("--layer-questions", type=int, default=1000, help="questions for the layer-count table")
     parser.add_argument("--baseline-layers", default="0,2", help="token layers K whose token-choice baselines run even without a router there")

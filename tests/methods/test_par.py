@@ -356,10 +356,10 @@ def test_router_cli_trains_on_the_testbed_and_serves_eval(tmp_path, capsys):
     assert main(["router", "train", "--out", str(out), "--steps", "2"]) == 2  # refuses to overwrite
     assert "already holds a trained router" in capsys.readouterr().err
     assert main(["eval", "--method", "par", "--router", str(out), "--keep", "0.25", "--layers", "0.67", "--limit", "8"]) == 0
-    assert "visual tokens 36 -> 36.0, layers run 4.00" in capsys.readouterr().out  # dropped before layer 0
+    assert "visual tokens 144 -> 36.0, layers run 4.00" in capsys.readouterr().out  # all 144 enter, 36 from layer 1 on
     assert main(["eval", "--method", "par-layers", "--router", str(out), "--flops", "0.5", "--limit", "8"]) == 0
     assert "layers run 3.00" in capsys.readouterr().out
     # with no --router, the router shipped for the testbed (token layer 1: every token in layer 0)
     assert main(["eval", "--method", "par-tokens", "--keep", "0.25", "--limit", "8"]) == 0
-    assert "visual tokens 144 -> 36.0" in capsys.readouterr().out
+    assert "visual tokens 144 -> 36.0, layers run 6.00" in capsys.readouterr().out
     assert PAR.load().router == PAR.load("testbed").router and PAR().router == "testbed"

@@ -1,8 +1,9 @@
 """Self-supervised training of PAR's router: the frozen LVLM's unpruned answer distribution is the
 teacher; candidate pruning flows are scored by KL(unpruned || pruned) through the engine; the router
 learns to prefer low-KL flows (a reference-free DPO-style preference loss on its log-likelihood of a
-selection) while regularisers hold its expected budget. ``loss="distill"`` instead regresses the
-router on the best candidate (the ablation).
+selection) while regularisers hold its expected budget; an auxiliary loss (`attention_weight`, on by
+default, not in the paper) distils the teacher's attention ranking into the token logits.
+``loss="distill"`` instead regresses the router on the best candidate (the ablation).
 
 Selections are scored as independent Bernoulli choices, so the log-likelihood gap of two selections
 of equal size is the sum of the router's logits over what only the winner keeps minus what only the
@@ -40,14 +41,18 @@ class RouterTrainConfig:
     `TOKEN_BUDGETS` x `LAYER_BUDGETS`, token-only (layers 1) and layer-only (tokens 1) budgets, so one
     router serves every version. `router_samples`, `stratified`, `layer_flows`: how many of each kind of
     candidate flow (`flows.candidate_masks`) join the teacher-based ones (one per `flows.NOISE_SCALES`)
-    and the router's own top-k."""
+    and the router's own top-k. `token_layer`: the layer K whose input hidden states the router reads
+    and from which dropped tokens are gone (the paper uses K = 2). `attention_weight`: the weight of an
+    auxiliary loss beside the preference loss, the cross-entropy of the router's token distribution
+    against the teacher's `score_layer` attention (`attention_loss`; not in the paper: without it the
+    testbed router learned no token choice beyond its tile rule, see README "PAR"); 0 turns it off."""
 
     out: str
     model: str = "testbed"
     tokens: float = 0.25
     layers: float = 0.75
     sample_budgets: bool = True
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 8
     router_samples: int = 2
     stratified: int = 4
@@ -56,13 +61,13 @@ class RouterTrainConfig:
     beta: float = 2.0
     margin: float = 0.05
     budget_weight: float = 1.0
-    attention_weight: float = 0.0
+    attention_weight: float = 1.0
     lr: float = 3e-3
     width: int = 64
     depth: int = 1
     heads: int = 4
     ffn: int = 128
-    token_layer: int = 0
+    token_layer: int = 1
     score_layer: int = 1
     seed: int = 0
     save_every: int = 50
