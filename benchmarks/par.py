@@ -165,7 +165,7 @@ def main() -> None:
         for keep in TOKEN_SHARES if k == main_k else TARGET_SHARES:
             for seed in STRATIFIED_SEEDS:
                 pts.get(f"stratified-random K{k} keep {keep:g} seed {seed}", vlmprune.build_method("stratified-random", keep=keep, layer=k, seed=seed), samples)
-        for keep in TARGET_SHARES:
+        for keep in TARGET_SHARES if k == main_k else ():  # the references, at the main router's K
             pts.get(f"random K{k} keep {keep:g}", vlmprune.build_method("random", keep=keep, layer=k), samples)
             pts.get(f"teacher-attention K{k} keep {keep:g}", TeacherAttention(keep, layer=k), samples)
     fastv = pts.get(f"fastv keep {FASTV_KEEP:g}", vlmprune.FastV(layer=2, keep=FASTV_KEEP), samples)
@@ -261,7 +261,7 @@ def report(result: dict, shares, routers, layer_of, router) -> str:
         lines.append("| par-tokens | " + " | ".join(acc(f"par-tokens {r} keep {x:g}") for x in keeps) + " |")
         strat = [sum(p[f"stratified-random K{k} keep {x:g} seed {sd}"]["accuracy"] for sd in STRATIFIED_SEEDS) / len(STRATIFIED_SEEDS) for x in keeps]
         lines.append("| stratified-random (2 seeds) | " + " | ".join(f"{v * 100:.1f}" for v in strat) + " |")
-        for name in ("random", "teacher-attention"):
+        for name in ("random", "teacher-attention") if r == router else ():
             lines.append(f"| {name} | " + " | ".join(acc(f"{name} K{k} keep {x:g}") for x in keeps) + " |")
         lines.append("| par-tokens - stratified | " + " | ".join(fmt(c[f"par-tokens {r} - stratified-random K{k} @ keep {x:g}"]) for x in keeps) + " |")
         f = p[f"par-tokens {r} @ fastv"]

@@ -86,7 +86,7 @@ def _add_decision_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", type=int, help="the decoder layer a token method acts at")
     parser.add_argument("--keep-layers", type=int, help="decoder layers a layer method keeps")
     parser.add_argument("--seed", type=int, help="seed for random methods")
-    parser.add_argument("--router", help="a trained PAR router directory (methods par, par-tokens, par-layers)")
+    parser.add_argument("--router", help="a trained PAR router directory for par, par-tokens, par-layers (default: testbed, the router shipped for the testbed model)")
     parser.add_argument("--layers", type=float, help="PAR: share of decoder layers kept, in (0, 1]")
     parser.add_argument("--flops", type=float, help="run the method at this share in (0, 1] of the full LM prefill "
                         "FLOPs: its --keep / --keep-layers is chosen per batch to come closest")

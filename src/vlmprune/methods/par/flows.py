@@ -2,8 +2,10 @@
 flow's KL divergence from the teacher, computed through the engine (physically pruned, batched).
 
 A flow is one selection per sample: a boolean mask over its visual tokens (kept from the router's
-token layer on) and one over the decoder layers (run or skipped). Candidates come from the teacher's
-attention (visual tokens) and Block Influence (layers) perturbed by Gumbel noise of several scales,
+token layer on) and one over the decoder layers (run or skipped; the layers before the token layer
+always run). Candidates come from the teacher's attention (visual tokens, selected under the router's
+own tile-balanced rule, so every flow is one the router could choose) and Block Influence (layers)
+perturbed by Gumbel noise of several scales,
 from the current router (its top-k and Gumbel-top-k samples of its logits), from stratified
 random samples of the visual tokens (one random token per tile of the image grid, with the teacher's
 layers): flows that differ only in *which* token of each tile survives, so their KLs credit single

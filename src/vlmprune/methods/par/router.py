@@ -1,20 +1,18 @@
-"""PAR's meta-router: reads the LVLM's input embeddings and learnable layer tokens, scores every
-visual token and every decoder layer (Pruning All-Rounder, arXiv:2412.06458).
+"""PAR's meta-router: reads the hidden states entering its token layer K and learnable layer tokens,
+scores every visual token and every decoder layer (Pruning All-Rounder, arXiv:2412.06458).
 
-The router sees, per sample, the prompt's input embeddings (projected visual tokens and text tokens,
-`PreparedInputs.inputs_embeds`), projected down to `width`, plus sinusoidal features of each token's
-original positions (every RoPE axis) and, for visual tokens laid out as one grid, of its row and
-column. One learnable token per decoder layer and one budget token (an embedding of the requested
-token and layer shares) join the sequence; `depth` bidirectional transformer layers let image tokens
-see the question. Heads give one logit per visual token and one per decoder layer.
+The router sees, per sample, the input hidden states of decoder layer K (`RouterConfig.token_layer`;
+at K = 0 the prompt's input embeddings, `PreparedInputs.inputs_embeds`), projected down to `width`,
+plus sinusoidal features of each token's original positions (every RoPE axis) and, for visual tokens
+laid out as one grid, of its row and column. One learnable token per decoder layer and one budget
+token (an embedding of the requested token and layer shares) join the sequence; `depth`
+bidirectional transformer layers let image tokens see the question. A visual token's logit is a
+linear head plus, with `question_head`, the scaled dot product of a query from the last real token
+(which ends the question) and a key from the token; each layer's logit comes from its layer token.
 
-Kept visual tokens are chosen by *tile-balanced* top-k (`balanced_scores`, the default
-``RouterConfig.balanced``): for a budget of k tokens the image grid is cut into about k tiles and
-the router's best token of every tile is kept before a second of any (above half the tokens, the
-router's worst token of every tile is dropped, for tiles sized to the tokens dropped). Visual tokens
-of one image carry overlapping content, so coverage of the image matters more than any single token (plain top-k
-of per-token scores keeps contiguous regions and loses whole objects); the router decides which
-token of each tile survives, and where its logits differ most.
+Kept visual tokens are chosen by *tile-balanced* top-k (`methods.tiles.balanced_scores`, the default
+``RouterConfig.balanced``): the router decides which token of each tile survives, and where its
+logits differ most; plain top-k of per-token scores keeps contiguous regions and loses whole objects.
 """
 
 from __future__ import annotations
@@ -33,7 +31,9 @@ from ..tiles import balanced_scores
 @dataclass(frozen=True)
 class RouterConfig:
     """The router's shape and the LVLM it was built for (`lm_hidden`, `n_layers`, `model_type`,
-    `position_axes`); `token_layer`: the decoder layer K from which dropped visual tokens are gone."""
+    `position_axes`); `token_layer`: the decoder layer K whose input the router reads and from which
+    dropped visual tokens are gone (layers before K always run); `question_head`: add the
+    last-token query x token key score to each visual token's logit."""
 
     model_type: str
     lm_hidden: int
@@ -140,7 +140,8 @@ class Router(nn.Module):
 
     def forward(self, prep: PreparedInputs, tokens: torch.Tensor | float, layers: torch.Tensor | float) -> RouterOutput:
         """Scores for a prepared batch at the requested shares of visual tokens and layers kept
-        (floats or ``[B]`` tensors)."""
+        (floats or ``[B]`` tensors). ``prep.inputs_embeds`` holds what the router reads: the input of
+        its token layer (the caller swaps in layer K's hidden states for K >= 1)."""
         c = self.config
         embeds = prep.inputs_embeds.detach().to(self.project.weight.dtype)  # the LVLM stays frozen
         batch, length = embeds.shape[:2]
