@@ -8,23 +8,10 @@ from typing import Any
 
 import torch
 
+from .data.images import read_image  # noqa: F401  (the CLI's --image reader)
 from .engine.plan import Plan
 from .errors import VlmpruneError
 from .pruned_model import GenerationResult, PrunedModel
-
-
-def read_image(path: str | Path):
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise VlmpruneError(f"image file {str(path)!r} does not exist; pass the path of a PNG/JPEG image")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
-    except (UnidentifiedImageError, OSError) as err:
-        raise VlmpruneError(f"cannot read image {str(path)!r}: {err}") from err
 
 
 def build_inputs(pm: PrunedModel, prompt: str, image: Any = None) -> dict[str, torch.Tensor]:

@@ -30,6 +30,16 @@ def build_tokenizer(words: list[str]):
     )
 
 
+# the testbed's prompt format (`data.PROMPT_TEMPLATE`) as a chat template, so user data takes the same path
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}user : "
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image> {% else %}{{ part['text'] }} {% endif %}{% endfor %}"
+    "{% else %}assistant : {% for part in message['content'] %}{{ part['text'] }} {% endfor %}</s> {% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
+)
+
+
 def build_processor(tokenizer):
     from transformers import CLIPImageProcessor, LlavaProcessor
 
@@ -40,6 +50,7 @@ def build_processor(tokenizer):
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
         vision_feature_select_strategy="default", image_token="<image>", num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
