@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -37,6 +38,9 @@ class GenerationResult:
     sequences: torch.Tensor  # [B, L + new] prompt followed by generated ids, like transformers' generate
     scores: list[torch.Tensor]  # one [B, V] logits tensor per generated token
     stats: RunStats  # prefill accounting; kv_entries counted after the last decode step
+    prefill_seconds: float = 0.0  # wall time of the prefill (decision included)
+    decode_seconds: float = 0.0  # wall time of the decode steps after it
+    decode_steps: int = 0  # decode steps run (generated tokens - 1)
 
 
 def resolve_prune(prune: Any, pm: "PrunedModel", prep: PreparedInputs) -> tuple[Plan, list[LayerPolicy]]:
@@ -132,10 +136,13 @@ class PrunedModel:
             generator = torch.Generator(device=input_ids.device)
             generator.manual_seed(0 if seed is None else seed)
 
+        t0 = time.perf_counter()
         prep = self.prepare(input_ids, attention_mask, **vision)
         plan, policies = resolve_prune(prune, self, prep)
         res = prefill(self.adapter, prep, plan, policies, logits_to_keep=1)
         logits, positions = res.last_logits, res.next_position.clone()
+        _sync(logits)
+        t1 = time.perf_counter()
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         eos_t = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
         new_tokens, scores = [], []
@@ -151,11 +158,40 @@ class PrunedModel:
             logits = decode_step(self.adapter, res.cache, token, positions)
             positions += 1
         sequences = torch.cat([input_ids, torch.stack(new_tokens, 1)], dim=1)
+        _sync(sequences)
+        t2 = time.perf_counter()
         if not return_dict:
             return sequences
         stats = res.stats
         stats.kv_entries, stats.kv_bytes = res.cache.entries(), res.cache.nbytes()
-        return GenerationResult(sequences, scores, stats)
+        return GenerationResult(sequences, scores, stats, t1 - t0, t2 - t1, len(new_tokens) - 1)
+
+    @torch.no_grad()
+    def score_response(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        response: torch.Tensor,
+        prune: Any = None,
+        **vision,
+    ) -> tuple[torch.Tensor, RunStats]:
+        """Teacher-forced log-probabilities ``[B, N, V]`` (float32) of a given response ``[B, N]``
+        (e.g. the full model's greedy answer) under `prune`: the decision is taken on the prompt, as
+        in `generate`, and each response token is fed through the pruned KV cache in turn. Row ``t``
+        is the distribution the model gives response token ``t``; rows after a sample's end are
+        whatever the fed padding gives (mask them)."""
+        if response.dim() != 2 or response.shape[0] != input_ids.shape[0] or response.shape[1] < 1:
+            raise VlmpruneError(f"response must be [batch, >= 1] token ids for the batch, got {tuple(response.shape)}")
+        prep = self.prepare(input_ids, attention_mask, **vision)
+        plan, policies = resolve_prune(prune, self, prep)
+        res = prefill(self.adapter, prep, plan, policies, logits_to_keep=1)
+        positions = res.next_position.clone()
+        rows = [res.last_logits.float().log_softmax(-1)]
+        for t in range(response.shape[1] - 1):
+            logits = decode_step(self.adapter, res.cache, response[:, t].to(positions.device), positions)
+            positions += 1
+            rows.append(logits.float().log_softmax(-1))
+        return torch.stack(rows, 1), res.stats
 
     def _eos_ids(self, eos_token_id) -> list[int]:
         if isinstance(eos_token_id, str) and eos_token_id == FROM_CONFIG:
@@ -166,3 +202,9 @@ class PrunedModel:
         ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         vocab = self.adapter.text_config.vocab_size
         return [int(i) for i in ids if 0 <= int(i) < vocab]
+
+
+def _sync(tensor: torch.Tensor) -> None:
+    """Wait for the device (timings of asynchronous CUDA work)."""
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
