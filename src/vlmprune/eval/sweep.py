@@ -89,6 +89,8 @@ def sweep(
     latency_batch: int = 1,
     latency_repeats: int = 5,
     decode_tokens: int = 8,
+    examples: Sequence | None = None,
+    max_new_tokens: int = 32,
 ) -> SweepResult:
     """Run (or resume) a sweep and write ``out_dir/{results.json, table.md, pareto.png}``.
 
@@ -98,7 +100,11 @@ def sweep(
     `samples`: FashionScenes samples to evaluate instead of the shipped evaluation set (`limit` still
     takes the first N). `seed` goes to methods with a ``seed`` field; `options` (e.g. ``{"layer": 3}``)
     to the methods whose config has that field. `calib` / `calibration`: calibration scenes (count of
-    training scenes, or the samples themselves) for methods that calibrate.
+    training scenes, the samples themselves, or model-input batches) for methods that calibrate.
+    `examples`: a user's `vlmprune.data.Example` rows instead of FashionScenes: each point generates
+    up to `max_new_tokens` (`eval.answers.evaluate_answers`; the full model's responses are computed
+    once) and its ``accuracy`` is the normalised exact match where the rows have answers, otherwise the
+    agreement with the full model (``metric`` says which).
     """
     from ..methods import registry
 
@@ -111,7 +117,10 @@ def sweep(
         raise VlmpruneError(f"batch sizes must be >= 1, got batch_size={batch_size}, latency_batch={latency_batch}")
     _require_matplotlib()
 
-    samples, data_id = _samples(samples, limit)
+    if examples is not None:
+        samples, data_id = _examples(examples, limit)
+    else:
+        samples, data_id = _samples(samples, limit)
     model_id = _model_id(model)
     calib_id = calib if calibration is None else "samples:" + _samples_digest(calibration)
     specs = [_Spec(FULL, 1.0, {})]
@@ -126,11 +135,14 @@ def sweep(
     results_path = out / "results.json"
     store = _read_results(results_path)
     runner = _Runner(model, samples, classes, calib, calibration, batch_size, latency_batch, latency_repeats, decode_tokens)
+    runner.user_data, runner.max_new_tokens = examples is not None, max_new_tokens
     points, computed, reused = [], 0, 0
     bar = tqdm(specs, desc="sweep", unit="point", disable=not progress)
     for spec in bar:
         bar.set_postfix_str(f"{spec.method} keep={spec.keep:g}")
         base = dict(method=spec.method, keep=spec.keep, options=spec.options, limit=limit, model=model_id, data=data_id)
+        if examples is not None:
+            base["max_new_tokens"] = max_new_tokens
         point = store.get(_key(base))
         want_latency = latency and (point is None or point.get("latency") is None)
         if point is not None and not want_latency:
@@ -144,8 +156,9 @@ def sweep(
         points.append(point)
     bar.close()
 
-    table_path = _write_text(out / "table.md", format_table(points, model_id, len(samples)))
-    plot_path = plot_pareto(points, out / "pareto.png", title=f"{model_id.split('@')[0]}: FashionScenes, {len(samples)} questions")
+    what = "FashionScenes" if examples is None else data_id.split(":")[0]
+    table_path = _write_text(out / "table.md", format_table(points, model_id, len(samples), what))
+    plot_path = plot_pareto(points, out / "pareto.png", title=f"{model_id.split('@')[0]}: {what}, {len(samples)} samples")
     return SweepResult(points, computed, reused, results_path, table_path, plot_path)
 
 
@@ -158,6 +171,7 @@ class _Runner:
         self.batch_size, self.latency_batch = batch_size, latency_batch
         self.latency_repeats, self.decode_tokens = latency_repeats, decode_tokens
         self.calibrated: dict[str, Any] = {}
+        self.user_data, self.max_new_tokens, self._reference = False, 32, None
         self._pm: PrunedModel | None = model if isinstance(model, PrunedModel) else None
 
     @property
@@ -193,6 +207,10 @@ class _Runner:
         from ..testbed import data
         from ..testbed.encode import encode_batches
 
+        if self.calibration is not None and all(isinstance(c, dict) for c in self.calibration):
+            return list(self.calibration)  # model-input batches (e.g. from --calib-data)
+        if self.calibration is None and self.user_data:
+            raise VlmpruneError("a sweep on your data calibrates ShortGPT on your data too: pass --calib-data FILE")
         scenes = self.calibration if self.calibration is not None else data.generate(self.calib, "train", seed=CALIBRATION_SEED)
         return encode_batches(scenes, self.pm.processor.tokenizer)
 
@@ -202,8 +220,11 @@ class _Runner:
         pm = self.pm
         if "accuracy" not in point:
             start = time.perf_counter()
-            result = evaluate(pm, self.samples, prune=method, batch_size=self.batch_size, progress=False)
-            point.update(result.to_dict())
+            if self.user_data:
+                self._evaluate_answers(point, method)
+            else:
+                result = evaluate(pm, self.samples, prune=method, batch_size=self.batch_size, progress=False)
+                point.update(result.to_dict())
             point["seconds"] = time.perf_counter() - start
             point["config"] = _jsonable(asdict(method)) if is_dataclass(method) else None
             point["n_layers"] = pm.n_layers
@@ -211,23 +232,41 @@ class _Runner:
             point["flops_share"] = point["lm_tflops"] / reference["lm_tflops"]
             point.setdefault("latency", None)
         if want_latency:
+            from ..data import encode_examples, image_channels
             from ..testbed.encode import encode
 
             device = next(pm.model.parameters()).device
-            inputs = encode(self.samples[: self.latency_batch], pm.processor.tokenizer)
+            batch = self.samples[: self.latency_batch]
+            if self.user_data:
+                inputs = encode_examples(pm.processor, batch, image_channels(pm.config))
+            else:
+                inputs = encode(batch, pm.processor.tokenizer)
             inputs = {k: v.to(device) for k, v in inputs.items()}
             lat = measure_latency(pm, inputs, prune=method, decode_tokens=self.decode_tokens, repeats=self.latency_repeats)
             point["latency"] = lat.to_dict()
         point["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def format_table(points: Sequence[dict], model_id: str = "", n: int | None = None) -> str:
+    def _evaluate_answers(self, point: dict, method) -> None:
+        from .answers import evaluate_answers, full_responses
+
+        if self._reference is None:
+            self._reference = full_responses(self.pm, self.samples, self.batch_size, self.max_new_tokens, progress=False)
+        result = evaluate_answers(self.pm, self.samples, method, self.batch_size, self.max_new_tokens, self._reference,
+                                  progress=False)
+        point.update(result.to_dict(with_samples=False))
+        point["metric"] = "agreement" if result.accuracy is None else "accuracy"
+        point["accuracy"] = result.agreement if result.accuracy is None else result.accuracy
+
+
+def format_table(points: Sequence[dict], model_id: str = "", n: int | None = None, data: str = "FashionScenes") -> str:
     """A markdown table of sweep points: one row per point, in the order given."""
     qtypes = sorted({q for p in points for q in p.get("per_type", {})})
-    head = ["method", "keep", "accuracy", *qtypes, "visual tokens", "layers", "TFLOPs", "FLOPs share", "prefill ms"]
+    metric = next((p["metric"] for p in points if "metric" in p), "accuracy")
+    head = ["method", "keep", metric, *qtypes, "visual tokens", "layers", "TFLOPs", "FLOPs share", "prefill ms"]
     lines = []
     if model_id:
-        lines.append(f"FashionScenes accuracy of `{model_id}`" + (f" on {n} questions" if n else "") + ".\n")
+        lines.append(f"{data} {metric} of `{model_id}`" + (f" on {n} samples" if n else "") + ".\n")
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for p in points:
         lat = p.get("latency")
@@ -366,6 +405,22 @@ def _samples(samples: Sequence | None, limit: int | None) -> tuple[list, str]:
     if not chosen:
         raise VlmpruneError("the sweep got no samples to evaluate")
     return chosen, "samples:" + _samples_digest(chosen)
+
+
+def _examples(examples: Sequence, limit: int | None) -> tuple[list, str]:
+    """A user's rows (the first `limit`) and an id naming their source file and content."""
+    if limit is not None and limit < 1:
+        raise VlmpruneError(f"--limit must be >= 1, got {limit}")
+    chosen = list(examples)[:limit]
+    if not chosen:
+        raise VlmpruneError("the sweep got no samples to evaluate")
+    h = hashlib.sha256()
+    for ex in chosen:
+        h.update(f"{ex.origin}\0{ex.prompt}\0{ex.answer}\0".encode())
+        if ex.image is not None:
+            h.update(ex.image.tobytes())
+    source = chosen[0].origin.rsplit(" row ", 1)[0].rsplit(" image ", 1)[0]
+    return chosen, f"{Path(source).name or source}:{h.hexdigest()[:16]}"
 
 
 def _samples_digest(samples: Sequence) -> str:
