@@ -75,13 +75,31 @@ class PrunedModel:
     def n_layers(self) -> int:
         return self.adapter.decoder.n_layers
 
+    @property
+    def input_device(self) -> torch.device:
+        """Where the model takes its inputs: the token embedding's (execution) device. Inputs given
+        elsewhere are moved here; logits and generated ids come back here."""
+        return self.adapter.placement().input
+
+    @property
+    def devices(self) -> tuple[torch.device, ...]:
+        """Every device the language model computes on (more than one when split by a device_map)."""
+        place = self.adapter.placement()
+        return tuple(dict.fromkeys((place.input, *place.layers, place.norm, place.head)))
+
+    def to_input_device(self, inputs: dict) -> dict:
+        """The tensors of `inputs` on `input_device` (the vision tower's hooks take pixels on from there)."""
+        device = self.input_device
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **vision) -> PreparedInputs:
         unknown = set(vision) - self._vision_args
         if unknown:
             raise VlmpruneError(
                 f"unexpected inputs {sorted(unknown)} for {self.config.model_type}; it takes {sorted(self._vision_args)}"
             )
-        return self.adapter.prepare(input_ids, attention_mask, **vision)
+        inputs = self.to_input_device(dict(input_ids=input_ids, attention_mask=attention_mask, **vision))
+        return self.adapter.prepare(**inputs)
 
     @torch.no_grad()
     def __call__(
@@ -131,6 +149,7 @@ class PrunedModel:
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
         eos = self._eos_ids(eos_token_id)
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        input_ids = input_ids.to(self.input_device)
         generator = None
         if do_sample:
             generator = torch.Generator(device=input_ids.device)
@@ -153,7 +172,7 @@ class PrunedModel:
                 token = torch.where(finished, torch.full_like(token, pad), token)
                 finished |= torch.isin(token, eos_t)
             new_tokens.append(token)
-            if step == max_new_tokens - 1 or bool(finished.all()):
+            if step == max_new_tokens - 1 or (eos and bool(finished.all())):  # (a host read only with an eos to stop at)
                 break
             logits = decode_step(self.adapter, res.cache, token, positions)
             positions += 1

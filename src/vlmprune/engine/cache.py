@@ -3,7 +3,8 @@
 Each layer holds only the tokens it saw: all of them before a token stage, the kept ones after,
 nothing for a skipped layer. The unmodified attention modules call `update`, as they do with
 transformers' caches; the engine keeps, beside each layer's keys, which entries are real tokens
-and which samples of the batch run that layer.
+and which samples of the batch run that layer. Everything a layer's entry holds lives on that
+layer's device (where its attention computes), also when the model is split over devices.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ class LayerwiseKVCache:
         self.values: list[torch.Tensor | None] = [None] * n_layers
         self.key_valid: list[torch.Tensor | None] = [None] * n_layers  # [B_l, T_l] bool
         self.rows: list[torch.Tensor | None] = [None] * n_layers  # samples that run the layer; None = all
+        self.padded: list[bool] = [False] * n_layers  # whether some key is padding (decode then needs a mask)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Append this step's keys/values for one layer; return everything the layer has seen."""

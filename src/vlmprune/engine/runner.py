@@ -4,6 +4,12 @@ Prefill runs the layers the plan keeps. At a stage layer K it gathers the kept t
 states, original positions, mask) before running K; each layer's KV cache therefore holds only
 what that layer saw, and skipped layers compute and store nothing. Decode continues from the
 original prompt length through the same per-layer caches and skip sets.
+
+Devices: the bookkeeping (positions, masks, per-layer counters, logits) lives on the model's input
+device (the embedding's); each decoder layer runs where it lives (`Adapter.placement`: a device_map
+split, accelerate's CPU / disk offload), its inputs moved there when that differs, and its cache
+stays there. Policies see the token state on the input device. Nothing in the layer loop reads a
+value back to the host; the counters reach the CPU once, at the end.
 """
 
 from __future__ import annotations
@@ -51,12 +57,13 @@ class StageView:
         Each sample's distinct query rows are counted in `score_rows` (repeated rows pad a ragged batch)."""
         if self.last_layer is None:
             raise VlmpruneError("no decoder layer ran before this stage, so there are no attention scores to use")
-        rows = query_index.clamp(min=0)
+        rows = query_index.clamp(min=0).to(self.state.valid.device)
         if self.score_rows is not None:
             ordered = rows.sort(1).values
             distinct = (ordered.diff(dim=1) != 0).sum(1) + int(ordered.shape[1] > 0)
-            self.score_rows[:, self.last_layer] += distinct.cpu()
-        hidden = self.last_input.gather(1, rows[..., None].expand(-1, -1, self.last_input.shape[-1]))
+            self.score_rows[:, self.last_layer] += distinct.to(self.score_rows.device)
+        at = self.last_input.device  # the layer's device (its input and its cache live there)
+        hidden = self.last_input.gather(1, rows.to(at)[..., None].expand(-1, -1, self.last_input.shape[-1]))
         positions = self.state.positions.gather(2, rows[None].expand(self.state.positions.shape[0], -1, -1))
         return self.adapter.attention_rows(
             self.last_layer,
@@ -90,11 +97,12 @@ class PrefillResult:
     stats: RunStats
 
 
-def _layer_rows(plan: Plan, batch: int, n_layers: int, device) -> list[torch.Tensor | None | str]:
-    """Per layer: None (all samples run it), 'none' (no sample does) or a LongTensor of the samples that do."""
+def _layer_rows(plan: Plan, batch: int, devices: Sequence[torch.device]) -> list[torch.Tensor | None | str]:
+    """Per layer: None (all samples run it), 'none' (no sample does) or a LongTensor of the samples that
+    do, on that layer's device."""
     skips = plan.skip_sets(batch)
     out: list = []
-    for layer in range(n_layers):
+    for layer, device in enumerate(devices):
         running = [b for b in range(batch) if layer not in skips[b]]
         if len(running) == batch:
             out.append(None)
@@ -105,11 +113,22 @@ def _layer_rows(plan: Plan, batch: int, n_layers: int, device) -> list[torch.Ten
     return out
 
 
+def _layers_run(skips: tuple[frozenset[int], ...], n_layers: int) -> torch.Tensor:
+    """``[B, n_layers]`` bool on the CPU: whether each sample ran each layer (from the final skip sets;
+    a policy only ever adds layers that had not run yet)."""
+    ran = torch.ones(len(skips), n_layers, dtype=torch.bool)
+    for b, skip in enumerate(skips):
+        ran[b, sorted(skip)] = False
+    return ran
+
+
 def _run_layer(layer, hidden, rows, mask, rope, cache):
-    """Run one decoder layer for the samples in `rows` (None = all); `mask` is already for those rows."""
+    """Run one decoder layer for the samples in `rows` (None = all); `mask` is already for those rows.
+    Every input is already on the layer's device."""
     cos, sin = rope
     if rows is None:
-        return layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), past_key_values=cache, use_cache=True)
+        out = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), past_key_values=cache, use_cache=True)
+        return out.to(hidden.device)
     sub = layer(
         hidden[rows],
         attention_mask=mask,
@@ -117,7 +136,33 @@ def _run_layer(layer, hidden, rows, mask, rope, cache):
         past_key_values=cache,
         use_cache=True,
     )
-    return hidden.index_copy(0, rows, sub)
+    return hidden.index_copy(0, rows, sub.to(hidden.device))
+
+
+def _head(adapter: Adapter, hidden: torch.Tensor) -> torch.Tensor:
+    """The final norm and the LM head (each on its device), logits back on the input device."""
+    dec, place = adapter.decoder, adapter.placement()
+    normed = dec.norm(hidden.to(place.norm))
+    return dec.lm_head(normed.to(place.head)).to(place.input)
+
+
+class _Layout:
+    """The rotary tables, mask and validity of one token layout, moved to each device that asks once."""
+
+    def __init__(self, adapter: Adapter, state: TokenState, dtype: torch.dtype):
+        self.padded = not bool(state.valid.all())  # one read per layout (never per layer)
+        rope = adapter.rotary(state.hidden, state.positions)
+        mask = prefill_mask(state.valid, adapter.attn_implementation, dtype, self.padded)
+        self.home = state.valid.device
+        self._on: dict[torch.device, tuple] = {self.home: (rope, mask, state.valid)}
+        self._source = (rope, mask, state.valid)
+
+    def on(self, device: torch.device) -> tuple:
+        """(rope, mask, valid) on `device`."""
+        if device not in self._on:
+            (cos, sin), mask, valid = self._source
+            self._on[device] = ((cos.to(device), sin.to(device)), None if mask is None else mask.to(device), valid.to(device))
+        return self._on[device]
 
 
 def prefill(
@@ -148,22 +193,24 @@ def prefill(
                 raise VlmpruneError(f"a policy decides at layer {layer}, outside 0..{n_layers - 1}")
             by_layer[layer] = policy
 
+    place = adapter.placement()
+    home = place.input
     state = TokenState.from_prepared(prep)
     cache = LayerwiseKVCache(n_layers, batch)
-    layer_rows = _layer_rows(plan, batch, n_layers, prep.input_ids.device)
+    layer_rows = _layer_rows(plan, batch, place.layers)
     skips = plan.skip  # grows when a policy skips later layers
     stages: dict[int, KeepRows] = dict(plan.keep)
     merges: dict[int, KeepRows] = dict(plan.merge)
-    tokens = torch.zeros(batch, n_layers, dtype=torch.long)
+    tokens = torch.zeros(batch, n_layers, dtype=torch.long, device=home)  # counters stay on the device
     visual = torch.zeros_like(tokens)
-    ran = torch.zeros(batch, n_layers, dtype=torch.bool)
     score_rows = torch.zeros_like(tokens)
-    mask = rope = None
+    layout: _Layout | None = None
     last_layer, last_input = None, None
     dtype = state.hidden.dtype
 
     for i, layer in enumerate(dec.layers):
         if i in by_layer:
+            state.hidden = state.hidden.to(home)  # a policy reads the state on the input device
             view = StageView(adapter, state, cache, last_layer, last_input, prep.n_visual, score_rows)
             decision = by_layer[i].select(i, view)
             decided = decision if isinstance(decision, Plan) else Plan(keep={i: decision})
@@ -174,46 +221,52 @@ def prefill(
                 merges[i] = decided.merge[i]
             if any(decided.skip_sets(batch)):
                 skips = _later_skips(skips, decided.skip_sets(batch), i)
-                layer_rows = _layer_rows(Plan(skip=skips), batch, n_layers, prep.input_ids.device)
+                layer_rows = _layer_rows(Plan(skip=skips), batch, place.layers)
         if i in stages:
+            state.hidden = state.hidden.to(home)
             state = state.keep_visual(stages[i], merges.get(i))
-            mask = rope = None
+            layout = None
             last_layer, last_input = None, None
-        tokens[:, i] = state.token_counts().cpu()
-        visual[:, i] = state.visual_counts().cpu()
+        tokens[:, i] = state.token_counts()
+        visual[:, i] = state.visual_counts()
         rows = layer_rows[i]
         if isinstance(rows, str):  # no sample runs this layer
             continue
-        if rope is None:  # once per layout: rotary tables and mask for the current tokens
-            rope = adapter.rotary(state.hidden, state.positions)
-            mask = prefill_mask(state.valid, adapter.attn_implementation, dtype)
-        cache.key_valid[i] = state.valid if rows is None else state.valid[rows]
+        if layout is None:  # once per layout: rotary tables and mask for the current tokens
+            state.hidden = state.hidden.to(home)
+            layout = _Layout(adapter, state, dtype)
+        device = place.layers[i]
+        rope, mask, valid = layout.on(device)
+        cache.key_valid[i] = valid if rows is None else valid[rows]
         cache.rows[i] = rows
-        hidden_in = state.hidden
+        cache.padded[i] = layout.padded
+        hidden_in = state.hidden.to(device)
         row_mask = mask if mask is None or rows is None else mask[rows]
         state.hidden = _run_layer(layer, hidden_in, rows, row_mask, rope, cache)
         if observers:
-            seen = (hidden_in, state.hidden, state.valid) if rows is None else (hidden_in[rows], state.hidden[rows], state.valid[rows])
+            seen = (hidden_in, state.hidden, valid) if rows is None else (hidden_in[rows], state.hidden[rows], valid[rows])
             for observe in observers:
                 observe(i, *seen)
-        ran[:, i] = True if rows is None else torch.zeros(batch, dtype=torch.bool).index_fill(0, rows.cpu(), True)
         if rows is None:
             last_layer, last_input = i, hidden_in
 
     last = state.last_index()
     b = torch.arange(batch, device=last.device)
     if logits_to_keep == 1:
-        hidden, token_index = state.hidden[b, last][:, None], state.source_index[b, last][:, None]
+        at = state.hidden.device
+        hidden, token_index = state.hidden[b.to(at), last.to(at)][:, None], state.source_index[b, last][:, None]
     elif logits_to_keep == 0:
         hidden, token_index = state.hidden, state.source_index
     else:
         raise VlmpruneError("logits_to_keep must be 0 (every token) or 1 (each sample's last token)")
-    logits = dec.lm_head(dec.norm(hidden))
+    logits = _head(adapter, hidden)
     last_logits = logits[:, -1] if logits_to_keep == 1 else logits[b, last]
     applied = Plan(keep=stages, skip=skips, merge=merges, overhead=plan.overhead)
     head_rows = torch.ones(batch, dtype=torch.long) if logits_to_keep == 1 else state.token_counts().cpu()
     input_visual = (prep.visual_mask & prep.attention_mask).sum(1).cpu()
-    stats = RunStats(tokens, visual, ran, cache.entries(), applied, cache.nbytes(), input_visual, head_rows, score_rows)
+    ran = _layers_run(applied.skip_sets(batch), n_layers)
+    stats = RunStats(tokens.cpu(), visual.cpu(), ran, cache.entries(), applied, cache.nbytes(), input_visual, head_rows,
+                     score_rows.cpu())
     return PrefillResult(logits, token_index, last_logits, cache, prep.next_position, stats)
 
 
@@ -239,15 +292,20 @@ def decode_step(adapter: Adapter, cache: LayerwiseKVCache, token_ids: torch.Tens
     Returns ``[B, V]`` logits. Layers that did not run at prefill do not run here either.
     """
     dec = adapter.decoder
-    hidden = dec.embed_tokens(token_ids[:, None])  # (B, 1, D)
-    pos = positions.view(1, -1, 1).expand(adapter.position_axes, -1, -1)
+    place = adapter.placement()
+    hidden = dec.embed_tokens(token_ids[:, None].to(place.input)).to(place.input)  # (B, 1, D)
+    pos = positions.to(place.input).view(1, -1, 1).expand(adapter.position_axes, -1, -1)
     rope = adapter.rotary(hidden, pos)
+    ropes = {place.input: rope}
     for i, layer in enumerate(dec.layers):
         if not cache.runs(i):
             continue
+        device = place.layers[i]
+        if device not in ropes:
+            ropes[device] = (rope[0].to(device), rope[1].to(device))
         rows = cache.rows[i]
-        grown = torch.ones(cache.key_valid[i].shape[0], 1, dtype=torch.bool, device=hidden.device)
+        grown = torch.ones(cache.key_valid[i].shape[0], 1, dtype=torch.bool, device=device)
         cache.key_valid[i] = torch.cat([cache.key_valid[i], grown], dim=1)
-        mask = decode_mask(cache.key_valid[i], adapter.attn_implementation, hidden.dtype)
-        hidden = _run_layer(layer, hidden, rows, mask, rope, cache)
-    return dec.lm_head(dec.norm(hidden))[:, -1]
+        mask = decode_mask(cache.key_valid[i], adapter.attn_implementation, hidden.dtype, cache.padded[i])
+        hidden = _run_layer(layer, hidden.to(device), rows, mask, ropes[device], cache)
+    return _head(adapter, hidden)[:, -1]

@@ -111,13 +111,18 @@ class TokenState:
         return merged.view(bsz, length, dim)
 
 
-def prefill_mask(valid: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor | None:
+def prefill_mask(
+    valid: torch.Tensor, attn_implementation: str, dtype: torch.dtype, padded: bool | None = None
+) -> torch.Tensor | None:
     """The causal + padding mask ``[B, 1, L, L]`` for a prefill, in the form the attention backend takes.
 
     With no padding under sdpa it is None (sdpa then runs its own causal kernel, as transformers does).
-    Padding query rows attend to themselves only, so no row is fully masked (no NaN).
+    Padding query rows attend to themselves only, so no row is fully masked (no NaN). `padded`: whether
+    `valid` has a False entry, if the caller knows (else it is read from `valid`).
     """
-    if attn_implementation == "sdpa" and bool(valid.all()):
+    if padded is None:
+        padded = not bool(valid.all())
+    if attn_implementation == "sdpa" and not padded:
         return None
     length = valid.shape[1]
     eye = torch.eye(length, dtype=torch.bool, device=valid.device)
@@ -125,9 +130,16 @@ def prefill_mask(valid: torch.Tensor, attn_implementation: str, dtype: torch.dty
     return _for_backend(allowed[:, None], attn_implementation, dtype)
 
 
-def decode_mask(key_valid: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor | None:
-    """The mask ``[B, 1, 1, T]`` for one new token against a layer's cache (None when nothing is padding)."""
-    if bool(key_valid.all()):
+def decode_mask(
+    key_valid: torch.Tensor, attn_implementation: str, dtype: torch.dtype, padded: bool | None = None
+) -> torch.Tensor | None:
+    """The mask ``[B, 1, 1, T]`` for one new token against a layer's cache (None when nothing is padding).
+
+    `padded`: whether some key is padding, if the caller knows (the engine records it at prefill, so a
+    decode step reads nothing back from the device); else it is read from `key_valid`."""
+    if padded is None:
+        padded = not bool(key_valid.all())
+    if not padded:
         return None
     return _for_backend(key_valid[:, None, None, :], attn_implementation, dtype)
 

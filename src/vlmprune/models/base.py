@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Callable, Iterator
 
 import torch
@@ -19,6 +20,96 @@ from torch import nn
 from ..errors import VlmpruneError
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+# ----------------------------------------------------------------------------- where modules compute
+def _align_hooks(module: nn.Module) -> list:
+    """accelerate's `AlignDevicesHook`s on `module` (one, or several inside a `SequentialHook`)."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    return [h for h in getattr(hook, "hooks", (hook,)) if hasattr(h, "execution_device") and hasattr(h, "offload")]
+
+
+def offload_hook(module: nn.Module):
+    """The accelerate hook that loads `module`'s offloaded (CPU or disk) weights at its forward, or None."""
+    return next((h for h in _align_hooks(module) if h.offload), None)
+
+
+def execution_device(module: nn.Module, default: torch.device | None = None) -> torch.device | None:
+    """Where `module` computes: its accelerate hook's ``execution_device`` (a dispatched or offloaded
+    module), else the device of its first parameter or buffer that is not on the meta device, else the
+    execution device of a hooked submodule, else `default`."""
+    for hook in _align_hooks(module):
+        if hook.execution_device is not None:
+            return _indexed(hook.execution_device)
+    for tensor in chain(module.parameters(), module.buffers()):
+        if tensor.device.type != "meta":
+            return tensor.device
+    for sub in module.modules():
+        for hook in _align_hooks(sub):
+            if hook.execution_device is not None:
+                return _indexed(hook.execution_device)
+    return default
+
+
+def _indexed(device) -> torch.device:
+    """A device as tensors report it: ``cuda`` -> ``cuda:<current>``, a GPU index -> ``cuda:<index>``."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@contextmanager
+def onloaded(*modules: nn.Module) -> Iterator[None]:
+    """Within the block, the weights of `modules` (and their submodules) are real tensors on their
+    execution devices, also where accelerate offloaded them to the CPU or disk (outside a hooked
+    module's forward they are on the meta device): read ``.weight`` or call submodules directly.
+
+    Each offloaded module's hook loads its weights once on entry and drops them on exit; in between
+    the hook leaves the weights alone (it still moves a direct call's inputs to the module's device).
+    Without offloading this does nothing. Every direct use of the model's weights outside a forward of
+    the whole module (attention-score rows, vision scores) goes through here."""
+    hooked, seen = [], set()
+    for module in modules:
+        for sub in module.modules():
+            hook = offload_hook(sub)
+            if hook is not None and id(sub) not in seen:
+                seen.add(id(sub))
+                hooked.append((sub, hook))
+    if not hooked:
+        yield
+        return
+    loaded = []
+    try:
+        for sub, hook in hooked:
+            hook.pre_forward(sub)
+            hook.offload = False  # a call inside the block must not reload (or drop) the weights
+            loaded.append((sub, hook))
+        yield
+    finally:
+        for sub, hook in reversed(loaded):
+            hook.offload = True
+            hook.post_forward(sub, None)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the language model computes. ``input``: the embedding's device, where the engine keeps
+    its bookkeeping (positions, masks, counters, logits); ``layers``: each decoder layer's; ``norm``,
+    ``head``, ``rotary``: the final norm's, the LM head's and the rotary embedding's."""
+
+    input: torch.device
+    layers: tuple[torch.device, ...]
+    norm: torch.device
+    head: torch.device
+    rotary: torch.device
+
+    @property
+    def split(self) -> bool:
+        """True when some part computes away from the input device."""
+        return any(d != self.input for d in (*self.layers, self.norm, self.head, self.rotary))
 
 
 @dataclass(frozen=True)
@@ -134,6 +225,19 @@ class Adapter:
         self.image_token_id = int(self.config.image_token_id)
         lm = self.language_model
         self.decoder = DecoderLayout(lm.embed_tokens, lm.layers, lm.norm, model.lm_head, lm.rotary_emb)
+        self._placement: Placement | None = None
+
+    def placement(self) -> Placement:
+        """Where each part of the language model computes (see `Placement`): worked out once and kept
+        while the embedding stays where it was (moving the whole model with ``.to`` refreshes it)."""
+        dec = self.decoder
+        home = execution_device(dec.embed_tokens, torch.device("cpu"))
+        if self._placement is None or self._placement.input != home:
+            layers = tuple(execution_device(layer, home) for layer in dec.layers)
+            norm = execution_device(dec.norm, layers[-1] if layers else home)
+            self._placement = Placement(home, layers, norm, execution_device(dec.lm_head, norm),
+                                        execution_device(dec.rotary_emb, home))
+        return self._placement
 
     # ------------------------------------------------------------------ accessors
     @property
@@ -145,9 +249,10 @@ class Adapter:
         raise NotImplementedError
 
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for positions ``[A, B, L]`` of any subset of tokens."""
+        """cos, sin for positions ``[A, B, L]`` of any subset of tokens, on `hidden`'s device and in its dtype."""
         pos = position_ids[0] if self.position_axes == 1 else position_ids
-        return self.decoder.rotary_emb(hidden, pos)
+        cos, sin = self.decoder.rotary_emb(hidden, pos.to(hidden.device))
+        return cos.to(hidden.device), sin.to(hidden.device)
 
     # ------------------------------------------------------------------ helpers for subclasses
     def _check_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -177,7 +282,7 @@ class Adapter:
                 f"the image gives {features.shape[0]} visual tokens but the prompt has {n_slots} image placeholders; "
                 "build the prompt with the model's processor (it expands the image placeholder)"
             )
-        return embeds.masked_scatter(visual_mask[..., None], features.to(embeds.dtype))
+        return embeds.masked_scatter(visual_mask[..., None].to(embeds.device), features.to(embeds.device, embeds.dtype))
 
     @staticmethod
     @contextmanager
@@ -216,13 +321,19 @@ class Adapter:
 
         Returns ``[B, H, R, T]`` float32 probabilities, equal to the rows of the full eager attention map
         (scores ``q k^T * scaling``, causal and padding mask, softmax over keys). Costs one q projection
-        of R rows and an ``R x T`` score block; the model keeps running under sdpa.
+        of R rows and an ``R x T`` score block; the model keeps running under sdpa. Computed on the
+        layer's device (where its cache lives), offloaded weights included (`onloaded`); returned on
+        `query_index`'s device.
         """
         layer = self.decoder.layers[layer_idx]
         attn = layer.self_attn
-        x = layer.input_layernorm(hidden_in)
-        bsz, n_rows, _ = x.shape
-        q = attn.q_proj(x).view(bsz, n_rows, -1, attn.head_dim).transpose(1, 2)  # (B, H, R, d)
+        out_device = query_index.device
+        device = keys.device
+        hidden_in, query_index, key_valid = hidden_in.to(device), query_index.to(device), key_valid.to(device)
+        with onloaded(layer.input_layernorm, attn.q_proj):
+            x = layer.input_layernorm(hidden_in).to(device)
+            bsz, n_rows, _ = x.shape
+            q = attn.q_proj(x).to(device).view(bsz, n_rows, -1, attn.head_dim).transpose(1, 2)  # (B, H, R, d)
         cos, sin = self.rotary(x, query_positions)
         # the family's own RoPE application, taken from the attention module's source module
         apply_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
@@ -232,4 +343,4 @@ class Adapter:
         t = torch.arange(keys.shape[2], device=keys.device)
         allowed = key_valid[:, None, None, :] & (t[None, None, None, :] <= query_index[:, None, :, None])
         scores = scores.masked_fill(~allowed, float("-inf"))
-        return torch.softmax(scores, dim=-1)
+        return torch.softmax(scores, dim=-1).to(out_device)

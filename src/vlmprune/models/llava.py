@@ -19,7 +19,7 @@ import torch
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from ..errors import VlmpruneError
-from .base import Adapter, PreparedInputs
+from .base import Adapter, PreparedInputs, execution_device, onloaded
 
 # vision towers whose first token is a CLS token that attends to every patch (config.vision_config.model_type)
 CLS_TOWERS = ("clip_vision_model",)
@@ -81,11 +81,13 @@ class LlavaAdapter(Adapter):
         hidden_in = seen["args"][0] if seen["args"] else seen["kwargs"]["hidden_states"]
         layer = self.model.model.vision_tower.encoder.layers[layer_idx]
         attn = layer.self_attn
-        x = layer.layer_norm1(hidden_in)
-        tiles, seq, _ = x.shape
-        # the CLS query row against every key, as the layer's attention computes them
-        q = attn.q_proj(x[:, :1]).view(tiles, 1, -1, attn.head_dim).transpose(1, 2).float()  # (T, H, 1, d)
-        k = attn.k_proj(x).view(tiles, seq, -1, attn.head_dim).transpose(1, 2).float()  # (T, H, S, d)
+        hidden_in = hidden_in.to(execution_device(layer, hidden_in.device))  # recorded before a hook moved it
+        with onloaded(layer.layer_norm1, attn.q_proj, attn.k_proj):
+            x = layer.layer_norm1(hidden_in)
+            tiles, seq, _ = x.shape
+            # the CLS query row against every key, as the layer's attention computes them
+            q = attn.q_proj(x[:, :1]).view(tiles, 1, -1, attn.head_dim).transpose(1, 2).float()  # (T, H, 1, d)
+            k = attn.k_proj(x).view(tiles, seq, -1, attn.head_dim).transpose(1, 2).float()  # (T, H, S, d)
         cls_row = torch.softmax(q @ k.transpose(2, 3) * attn.scale, dim=-1)  # (T, H, 1, S)
         dominance = cls_row.mean(1)[:, 0]  # (T, S)
         keys = k.mean(1)  # (T, S, d)

@@ -21,7 +21,7 @@ import torch
 from transformers.vision_utils import get_vision_window_index
 
 from ..errors import VlmpruneError
-from .base import Adapter, PreparedInputs
+from .base import Adapter, PreparedInputs, execution_device, onloaded
 
 SCORE_BLOCK = 2**24  # attention probabilities materialised at once when summing columns (64 MiB in float32)
 
@@ -80,10 +80,12 @@ class Qwen2VLAdapter(Adapter):
         block, attn = visual.blocks[-1], visual.blocks[-1].attn
         hidden_in = seen["args"][0] if seen["args"] else seen["kwargs"]["hidden_states"]
         cu_seqlens = seen["kwargs"]["cu_seqlens"].tolist()
-        cos, sin = seen["kwargs"]["position_embeddings"]
-        x = block.norm1(hidden_in)
-        n_patches = x.shape[0]
-        qkv = attn.qkv(x).view(n_patches, 3, attn.num_heads, attn.head_dim)  # (S, 3, H, d)
+        device = execution_device(block, hidden_in.device)  # the inputs were recorded before a hook moved them
+        cos, sin = (t.to(device) for t in seen["kwargs"]["position_embeddings"])
+        with onloaded(block.norm1, attn.qkv):
+            x = block.norm1(hidden_in.to(device))
+            n_patches = x.shape[0]
+            qkv = attn.qkv(x).view(n_patches, 3, attn.num_heads, attn.head_dim)  # (S, 3, H, d)
         keys = qkv[:, 1].float().mean(1)  # (S, d) before the rotary embedding
         # the family's own vision RoPE, from the attention module's source module
         apply_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
