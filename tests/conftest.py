@@ -154,3 +154,21 @@ def tiny_models():
         return cache[family, attn]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def user_checkpoints(tmp_path_factory):
+    """family -> directory of a tiny random-weight checkpoint saved like a user's (weights, processor, chat
+    template), for all four families; see tests/checkpoints.py."""
+    from checkpoints import save_checkpoint
+
+    root = tmp_path_factory.mktemp("user_checkpoints")
+    return {family: save_checkpoint(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def photo_jsonl(tmp_path_factory):
+    """data.jsonl of six real photographs ({"image": "images/NAME.jpg", "prompt", "answer"}); see tests/checkpoints.py."""
+    from checkpoints import photo_dataset
+
+    return photo_dataset(tmp_path_factory.mktemp("photos"))
