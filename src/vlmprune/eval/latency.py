@@ -75,8 +75,8 @@ def measure_latency(
 ) -> LatencyResult:
     """Median prefill and per-token decode times, peak memory and KV-cache bytes of one batch.
 
-    `inputs`: the model's inputs (``input_ids``, ``attention_mask``, ``pixel_values``, ...), already on
-    the model's device. `prune`: anything ``pm(...)`` takes. See the module docstring for what is timed.
+    `inputs`: the model's inputs (``input_ids``, ``attention_mask``, ``pixel_values``, ...), best
+    already on the model's input device (`PrunedModel.input_device`; they are moved there otherwise). `prune`: anything ``pm(...)`` takes. See the module docstring for what is timed.
     """
     if repeats < 1 or warmup < 0 or decode_tokens < 1:
         raise VlmpruneError(f"need repeats >= 1, warmup >= 0 and decode_tokens >= 1; got {repeats}, {warmup}, {decode_tokens}")
@@ -84,8 +84,12 @@ def measure_latency(
     limit = getattr(pm.adapter.text_config, "max_position_embeddings", None)
     if limit is not None and input_ids.shape[1] + decode_tokens + 1 > limit:
         raise VlmpruneError(f"prompt length {input_ids.shape[1]} + {decode_tokens + 1} new tokens exceeds the model's {limit} positions")
-    device = input_ids.device
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    device = pm.input_device  # inputs elsewhere are moved there
+    gpus = [d for d in pm.devices if d.type == "cuda"]  # a device_map may split the model over several
+
+    def sync() -> None:
+        for gpu in gpus:
+            torch.cuda.synchronize(gpu)
 
     prefill_ms, decode_ms, kv = [], [], (0, 0)
     for i in range(warmup + repeats):
@@ -129,6 +133,7 @@ class _Run:
 @torch.no_grad()
 def _run(pm: PrunedModel, inputs: dict, prune: Any, decode_tokens: int, sync: Callable[[], None]) -> _Run:
     """One greedy run, as `PrunedModel.generate` does it, with the prefill and decode phases timed apart."""
+    inputs = pm.to_input_device(inputs)  # (a no-op for inputs already there: not a cost of the model)
     sync()
     t0 = time.perf_counter()
     prep = pm.prepare(**inputs)

@@ -17,36 +17,73 @@ from .prune import SparsityReport, _unwrap
 GGUF_SUFFIX = ".gguf"
 
 
-def load_for_pruning(path_or_name) -> tuple[nn.Module, object]:
+def load_for_pruning(
+    path_or_name,
+    device=None,
+    dtype="auto",
+    device_map=None,
+    max_memory=None,
+    offload_folder=None,
+) -> tuple[nn.Module, object]:
     """(model, processor or tokenizer): a supported VLM through `vlmprune.load` (``"testbed"`` too), a
     ``.gguf`` file as a causal LM (`load_gguf`), any other checkpoint directory as a causal LM with its
-    tokenizer (safetensors only)."""
+    tokenizer (safetensors only).
+
+    `device`, `dtype`, `device_map`, `max_memory`, `offload_folder`: as `vlmprune.load`. A device_map
+    may split the model over GPUs, but must not offload any of it to the CPU or disk (`check_prunable`):
+    pruning rewrites the weights in place, and an offloaded module's weights are reloaded from their
+    offload copy at every forward, so its pruning would be lost."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from ..loading import MODEL_CLASSES, _resolve, load
+    from ..loading import MODEL_CLASSES, _resolve, load, load_options
 
+    placement = dict(device=device, dtype=dtype, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+    options = load_options(**placement)  # checked before anything is read
     if str(path_or_name).endswith(GGUF_SUFFIX):
-        return load_gguf(path_or_name)
+        if device_map is not None:
+            raise VlmpruneError("a GGUF file is de-quantized on one device; give --device (device=) instead of a device_map")
+        model, tokenizer = load_gguf(path_or_name)
+        target = options.get("device_map", {}).get("")  # `device`, as load_options writes it
+        if target is not None:
+            model = model.to(target)
+        return (model if options["dtype"] == "auto" else model.to(options["dtype"])), tokenizer
     location, _ = _resolve(path_or_name)
     try:
         config = AutoConfig.from_pretrained(location)
     except (OSError, ValueError) as err:
         raise VlmpruneError(f"cannot load a model config from {location!r}: {str(err).splitlines()[0]}") from err
     if config.model_type in MODEL_CLASSES:
-        pm = load(path_or_name)
+        pm = load(path_or_name, **placement)
+        check_prunable(pm.model)
         return pm.model, pm.processor
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype="auto", use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(location, use_safetensors=True, **{"dtype": "auto", **options})
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise VlmpruneError(
             f"{location}: model_type {config.model_type!r} is neither a supported VLM nor a causal LM transformers can "
             f"load from safetensors: {str(err).splitlines()[0]}"
         ) from err
+    check_prunable(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError, TypeError, KeyError):
         tokenizer = None
     return model.eval(), tokenizer
+
+
+def check_prunable(model: nn.Module) -> None:
+    """Refuse a model whose weights a device_map offloaded to the CPU or disk (see `load_for_pruning`)."""
+    from ..models.base import offload_hook
+
+    offloaded = [name for name, module in model.named_modules() if offload_hook(module) is not None
+                 or any(p.device.type == "meta" for p in module.parameters(recurse=False))]
+    if offloaded:
+        raise VlmpruneError(
+            f"weight pruning cannot run on offloaded weights ({offloaded[0]} and {len(offloaded) - 1} more are offloaded "
+            "to the CPU or disk by the device_map): pruning rewrites the weights in place, and offloaded modules reload "
+            "theirs from the offload copy at every forward. Use --device, or a device_map (max_memory) that keeps every "
+            "module on a GPU"
+        )
 
 
 def check_out_dir(out_dir, overwrite: bool = False) -> Path:
