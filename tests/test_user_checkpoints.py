@@ -145,11 +145,6 @@ def test_padded_batch_of_two_photos_equals_each_alone(loaded, photo_jsonl, famil
     assert torch.equal(out.sequences, ref.generate(**batch, do_sample=False, max_new_tokens=5))
 
 
-@pytest.mark.xfail(
-    reason="PrunedModel.generate pads a finished sample with the first eos id; transformers pads with "
-    "generation_config.pad_token_id (<|endoftext|> here, not <|im_end|>)",
-    strict=False,
-)
 def test_finished_sample_is_padded_like_transformers(loaded, photo_jsonl):
     pm, ref = loaded("qwen2_vl")
     photos = [_photo(photo_jsonl, i) for i in (0, 1)]

@@ -40,7 +40,7 @@ def _decision(args: argparse.Namespace, pm=None):
     if pm is None:
         return _at_flops(method, flops)
     methods = method if isinstance(method, list) else [method]
-    methods = [m.calibrate(pm, _calibration_batches(pm, args.calib)) if hasattr(m, "calibrate") else m for m in methods]
+    methods = [m.calibrate(pm, _calibration_batches(pm, args)) if hasattr(m, "calibrate") else m for m in methods]
     methods = [_at_flops(m, flops) for m in methods]
     skip = parse_plan(None, args.skip)
     decisions = methods + ([skip] if skip else [])
@@ -69,12 +69,48 @@ def _at_flops(method, share: float | None):
     return method if share is None else AtFlops(method, share)
 
 
-def _calibration_batches(pm, n: int) -> list[dict]:
-    """Calibration inputs: FashionScenes training scenes (never the evaluation split)."""
+def _calibration_batches(pm, args: argparse.Namespace) -> list[dict]:
+    """Calibration inputs (ShortGPT): `--calib` rows of --calib-data, or FashionScenes training scenes
+    (never the evaluation split) for the testbed; any other model must be given --calib-data."""
+    from .data import example_batches, image_channels, take
+    from .testbed.recipe import is_recipe
+
+    source = getattr(args, "calib_data", None)
+    if source and source != "testbed":
+        examples = take(_read_data(args, source), args.calib, "--calib", source)
+        return example_batches(pm.processor, examples, 16, image_channels(pm.config), with_answer=True)
+    if not is_recipe(pm.config, pm.processor):
+        raise VlmpruneError("this method calibrates on data: pass --calib-data FILE (JSONL rows {\"image\": PATH, "
+                            "\"prompt\": TEXT}, a folder of images with --prompt, a .parquet file or hf:NAME); "
+                            "FashionScenes is the default only for the testbed")
     from .testbed import data
     from .testbed.encode import encode_batches
 
-    return encode_batches(data.generate(n, "train", seed=12345), pm.processor.tokenizer)
+    return encode_batches(data.generate(args.calib, "train", seed=12345), pm.processor.tokenizer)
+
+
+def _add_data_args(parser: argparse.ArgumentParser, what: str, folder_prompt: bool = True) -> None:
+    """--data and how to read it (see `vlmprune.data.read_examples`)."""
+    parser.add_argument("--data", help=f"{what}: a JSONL file of {{\"image\": PATH, \"prompt\": TEXT, \"answer\": TEXT}} rows "
+                        "(image paths relative to the file), a folder of images (with --prompt), a .parquet / .csv file, "
+                        "hf:NAME (a Hugging Face dataset; hf:imagefolder:DIR), or 'testbed' (FashionScenes)")
+    if folder_prompt:
+        parser.add_argument("--prompt", dest="data_prompt", help="the question asked about every image of a --data folder")
+    parser.add_argument("--image-column", default="image", help="the column (JSON key) holding the image (default image)")
+    parser.add_argument("--prompt-column", default="prompt", help="the column holding the prompt (default prompt)")
+    parser.add_argument("--answer-column", default="answer", help="the column holding the reference answer (default answer)")
+    parser.add_argument("--split", default="train", help="the split of a Hugging Face dataset (default train)")
+
+
+def _read_options(args: argparse.Namespace) -> dict:
+    return dict(prompt=getattr(args, "data_prompt", None), image_column=args.image_column, prompt_column=args.prompt_column,
+                answer_column=args.answer_column, split=args.split)
+
+
+def _read_data(args: argparse.Namespace, source: str):
+    from .data import read_examples
+
+    return read_examples(source, **_read_options(args))
 
 
 def _add_decision_args(parser: argparse.ArgumentParser) -> None:
@@ -90,7 +126,28 @@ def _add_decision_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=float, help="PAR: share of decoder layers kept, in (0, 1]")
     parser.add_argument("--flops", type=float, help="run the method at this share in (0, 1] of the full LM prefill "
                         "FLOPs: its --keep / --keep-layers is chosen per batch to come closest")
-    parser.add_argument("--calib", type=int, default=64, help="calibration scenes for methods that need them (ShortGPT)")
+    parser.add_argument("--calib", type=int, default=64, help="calibration samples for methods that need them (ShortGPT)")
+    parser.add_argument("--calib-data", help="calibration data for methods that need it (ShortGPT), read like --data "
+                        "(default: FashionScenes training scenes, for the testbed only)")
+
+
+def _add_device_args(parser: argparse.ArgumentParser) -> None:
+    """Where the model runs and in which dtype: every command that loads a model takes these."""
+    parser.add_argument("--device", help="run the whole model on cpu, cuda, cuda:N or auto (CUDA when a GPU is "
+                        "visible, else the CPU); default: the CPU")
+    parser.add_argument("--dtype", default="auto", help="load the weights as bfloat16, float16, float32 or auto "
+                        "(the checkpoint's own dtype, the default)")
+    parser.add_argument("--device-map", help="auto: split the model over the visible GPUs, then CPU memory, with "
+                        "accelerate's big-model dispatch (also balanced, sequential); not together with --device")
+
+
+def _load_kwargs(args: argparse.Namespace) -> dict:
+    """--device / --dtype / --device-map as `vlmprune.load` keywords, checked now (a bad value fails before any loading)."""
+    from .loading import load_options
+
+    kwargs = dict(device=args.device, dtype=args.dtype, device_map=args.device_map)
+    load_options(**kwargs)
+    return kwargs
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -98,8 +155,9 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     from .prompting import generate_answer, read_image
 
     _decision(args)  # validate before the slow load, so bad input fails fast
+    load_kwargs = _load_kwargs(args)
     image = read_image(args.image) if args.image else None
-    pm = load(args.model)
+    pm = load(args.model, **load_kwargs)
     answer, result = generate_answer(pm, args.prompt, image, prune=_decision(args, pm), max_new_tokens=args.max_new_tokens)
     print(answer)
     print(result.stats.summary())
@@ -120,12 +178,34 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     decision = _decision(args)
     if isinstance(decision, Plan) and decision.batch_size is not None:
         raise VlmpruneError("eval runs many batches: give a plan without per-sample keeps (e.g. --skip), or use a method")
-    samples = eval_set(args.limit)
-    pm = load(args.model)
-    result = evaluate(pm, samples, prune=_decision(args, pm), batch_size=args.batch_size)
-    print(format_vqa(result))
+    load_kwargs = _load_kwargs(args)
+    source = args.data or ("testbed" if str(args.model) == "testbed" else None)
+    examples = None
+    if source not in (None, "testbed"):
+        from .data import take
+
+        examples = take(_read_data(args, source), args.limit, "--limit", source)
+    pm = load(args.model, **load_kwargs)
+    if source is None:
+        from .testbed.recipe import is_recipe
+
+        if not is_recipe(pm.config, pm.processor):
+            raise VlmpruneError("eval needs data for this model: pass --data FILE (JSONL rows {\"image\": PATH, \"prompt\": "
+                                "TEXT, \"answer\": TEXT}, a folder of images with --prompt, a .parquet file or hf:NAME)")
+        source = "testbed"
+    if examples is None:  # FashionScenes: one-word answers, scored from the prefill (no decode loop)
+        result = evaluate(pm, eval_set(args.limit), prune=_decision(args, pm), batch_size=args.batch_size)
+        print(format_vqa(result))
+        if args.json:
+            write_json(args.json, result.to_dict(with_predictions=True))
+        return
+    from .eval.answers import evaluate_answers, format_answers
+
+    result = evaluate_answers(pm, examples, prune=_decision(args, pm), batch_size=args.batch_size,
+                              max_new_tokens=args.max_new_tokens)
+    print(format_answers(result, args.method or "full model"))
     if args.json:
-        write_json(args.json, result.to_dict())
+        write_json(args.json, result.to_dict(with_samples=True))
 
 
 def format_vqa(result) -> str:
@@ -143,8 +223,17 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     from .eval.sweep import sweep
 
     options = {"router": args.router} if args.router else None
+    extra = {}
+    if args.data and args.data != "testbed":
+        extra["examples"] = _read_data(args, args.data)
+        extra["max_new_tokens"] = args.max_new_tokens
+    if args.calib_data and args.calib_data != "testbed":
+        from .data import take
+
+        extra["calibration"] = take(_read_data(args, args.calib_data), args.calib, "--calib", args.calib_data)
     res = sweep(args.model, args.methods, args.keep, args.out, limit=args.limit, batch_size=args.batch_size,
-                seed=args.seed, latency=not args.no_latency, options=options)
+                seed=args.seed, latency=not args.no_latency, options=options, calib=args.calib,
+                load_options=_load_kwargs(args), **extra)
     print(res.table_md.read_text(), end="")
     print(f"{res.computed} point(s) computed, {res.reused} reused -> {res.results_json}, {res.table_md}, {res.pareto_png}")
 
@@ -180,15 +269,18 @@ def _cmd_testbed_train(args: argparse.Namespace) -> None:
 def _cmd_router_train(args: argparse.Namespace) -> None:
     import torch
 
+    from . import load
     from .methods.par import RouterTrainConfig, train_router
 
+    load_kwargs = _load_kwargs(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     options = dict(steps=args.steps, batch_size=args.batch_size, loss=args.loss, lr=args.lr, token_layer=args.token_layer,
                    width=args.width, depth=args.depth, attention_weight=args.attention_weight)
     cfg = RouterTrainConfig(out=args.out, model=args.model, tokens=args.tokens, layers=args.layers, seed=args.seed,
                             sample_budgets=not args.fixed_budget, **{k: v for k, v in options.items() if v is not None})
-    record = train_router(cfg, stop_after=args.stop_after)
+    pm = load(args.model, **load_kwargs)
+    record = train_router(cfg, pm=pm, stop_after=args.stop_after, batches=_router_batches(args, cfg, pm))
     if record is None:
         print(f"stopped after step {args.stop_after}; state in {args.out}/state (run again to resume)")
         return
@@ -198,6 +290,21 @@ def _cmd_router_train(args: argparse.Namespace) -> None:
     print(f"router: {args.out} (router.safetensors, router.json); use it with --method par --router {args.out}")
 
 
+def _router_batches(args: argparse.Namespace, cfg, pm) -> list[dict] | None:
+    """Training batches of `cfg.batch_size` prompts from --data (cycled); None: FashionScenes training
+    scenes, the default for the testbed only."""
+    from .data import example_batches, image_channels
+    from .testbed.recipe import is_recipe
+
+    if not args.data or args.data == "testbed":
+        if not is_recipe(pm.config, pm.processor):
+            raise VlmpruneError("router training needs prompts for this model: pass --data FILE (JSONL rows {\"image\": "
+                                "PATH, \"prompt\": TEXT}, a folder of images with --prompt, a .parquet file or hf:NAME)")
+        return None
+    examples = _read_data(args, args.data)
+    return example_batches(pm.processor, examples, cfg.batch_size, image_channels(pm.config))
+
+
 def _cmd_prune_weights(args: argparse.Namespace) -> None:
     from .weights import WeightPruneConfig, calibration_batches, check_out_dir, load_for_pruning, prune_weights, save_pruned
 
@@ -205,8 +312,8 @@ def _cmd_prune_weights(args: argparse.Namespace) -> None:
     config = WeightPruneConfig(args.method, args.local, args.sparsity, args.nm, args.order, args.granularity, args.cap,
                                patterns, args.seed, args.score_samples, args.score_tokens)
     check_out_dir(args.out, args.overwrite)  # validate before the slow load, so bad input fails fast
-    model, processor = load_for_pruning(args.model)
-    batches = calibration_batches(model, processor, args.calib, seed=args.seed)
+    model, processor = load_for_pruning(args.model, **_load_kwargs(args))
+    batches = calibration_batches(model, processor, args.calib, seed=args.seed, data=args.data, read_options=_read_options(args))
     report = prune_weights(model, batches, **dataclasses.asdict(config))
     out = save_pruned(model, processor, report, args.out, overwrite=args.overwrite)
     print(report.summary())
@@ -223,14 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="prompt text containing the processor's image placeholder")
     gen.add_argument("--max-new-tokens", type=int, default=20)
     _add_decision_args(gen)
+    _add_device_args(gen)
     gen.set_defaults(func=_cmd_generate)
 
-    ev = sub.add_parser("eval", help="accuracy on the shipped FashionScenes evaluation set")
+    ev = sub.add_parser("eval", help="answers on your data (--data) or accuracy on the shipped FashionScenes evaluation set")
     ev.add_argument("--model", default="testbed", help="checkpoint directory or 'testbed'")
-    ev.add_argument("--limit", type=int, help="evaluate the first N questions only")
-    ev.add_argument("--json", help="also write the result as JSON to this file")
+    _add_data_args(ev, "the samples to answer (default: FashionScenes' evaluation set, for the testbed only)")
+    ev.add_argument("--limit", type=int, help="evaluate the first N samples only")
+    ev.add_argument("--json", help="also write the result, with every sample's answer, as JSON to this file")
     ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--max-new-tokens", type=int, default=32, help="longest generated answer on --data (default 32)")
     _add_decision_args(ev)
+    _add_device_args(ev)
     ev.set_defaults(func=_cmd_eval)
 
     testbed = sub.add_parser("testbed", help="the embedded default: train the FashionScenes LLaVA")
@@ -262,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--seed", type=int, default=0, help="seed for random methods")
     sw.add_argument("--no-latency", action="store_true", help="skip the latency and memory measurement")
     sw.add_argument("--router", help="a trained PAR router directory (for par, par-tokens, par-layers)")
+    _add_data_args(sw, "the samples to answer (default: FashionScenes' evaluation set, for the testbed only)")
+    sw.add_argument("--max-new-tokens", type=int, default=32, help="longest generated answer on --data (default 32)")
+    sw.add_argument("--calib", type=int, default=64, help="calibration samples for methods that need them (ShortGPT)")
+    sw.add_argument("--calib-data", help="calibration data for ShortGPT, read like --data (default: FashionScenes "
+                    "training scenes, for the testbed only)")
+    _add_device_args(sw)
     sw.set_defaults(func=_cmd_sweep)
 
     pw = sub.add_parser("prune-weights", help="prune weights (allocation x local pruner) and save a transformers checkpoint")
@@ -279,17 +396,23 @@ def build_parser() -> argparse.ArgumentParser:
     pw.add_argument("--score-tokens", type=int, default=64, help="zeroth order: cut each text sample into pieces of "
                     "this many tokens, one random direction each (0: whole samples)")
     pw.add_argument("--patterns", help="comma-separated module-name patterns of the linears to prune (default: all in blocks)")
-    pw.add_argument("--calib", type=int, default=64, help="calibration samples: FashionScenes training scenes for a VLM, "
-                    "128-token slices of CPython's pydoc topics for a causal LM")
+    pw.add_argument("--calib", type=int, default=64, help="calibration samples: rows of --data (for a causal LM, 128-token "
+                    "slices of its text); by default FashionScenes training scenes for the testbed, CPython's pydoc "
+                    "topics for a causal LM")
+    _add_data_args(pw, "calibration data (a VLM other than the testbed needs it; a causal LM reads a text file or "
+                   "JSONL {\"text\": ...} rows)")
     pw.add_argument("--seed", type=int, default=0)
     pw.add_argument("--out", required=True, help="output directory for the pruned checkpoint")
     pw.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _add_device_args(pw)
     pw.set_defaults(func=_cmd_prune_weights)
 
     router = sub.add_parser("router", help="PAR: train the meta-router that picks visual tokens and layers")
     router_sub = router.add_subparsers(dest="router_command", required=True)
     rt = router_sub.add_parser("train", help="self-supervised training (resumes from OUT/state if present)")
     rt.add_argument("--model", default="testbed", help="checkpoint directory or 'testbed' (FashionScenes training scenes)")
+    _add_data_args(rt, "training prompts (images + questions; answers are not used: the model's own response is the "
+                   "teacher). Default: FashionScenes training scenes, for the testbed only")
     rt.add_argument("--tokens", type=float, default=0.25, help="share of visual tokens kept the router is trained for")
     rt.add_argument("--layers", type=float, default=0.75, help="share of decoder layers kept the router is trained for")
     rt.add_argument("--fixed-budget", action="store_true", help="train at --tokens/--layers only (default: sample budgets too)")
@@ -305,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     rt.add_argument("--stop-after", type=int, help="stop (saving the state) after this many steps")
     rt.add_argument("--out", required=True, help="output directory (router.safetensors, router.json, state/)")
+    _add_device_args(rt)
     rt.set_defaults(func=_cmd_router_train)
 
     demo = sub.add_parser("demo", help="run the main job on the embedded default and print a table")

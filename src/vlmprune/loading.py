@@ -12,6 +12,7 @@ from torch import nn
 
 from .errors import VlmpruneError
 from .models import SUPPORTED_CLASSES
+from .processors import load_processor
 from .pruned_model import PrunedModel
 
 # config.model_type -> the transformers class that loads it (data, not branches)
@@ -180,7 +181,7 @@ def load(
     ``"float16"``, ``"float32"``, a `torch.dtype`, or ``"auto"`` (the checkpoint's dtype).
     """
     import transformers
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     options = load_options(device, dtype, device_map, max_memory, offload_folder)  # fails fast, before any reading
     location, is_local = _resolve(path_or_name)
@@ -197,10 +198,7 @@ def load(
         )
     cls = getattr(transformers, cls_name)
     model = from_pretrained(cls, location, options, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
-    try:
-        processor = AutoProcessor.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError, KeyError):
-        processor = None
+    processor = load_processor(location, config.model_type, trust_remote_code)
     return PrunedModel(model, processor)
 
 

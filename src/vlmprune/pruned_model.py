@@ -135,7 +135,7 @@ class PrunedModel:
         """Generate up to `max_new_tokens` per sample; returns prompt + new ids like transformers' generate.
 
         `eos_token_id` defaults to the model's generation config; a finished sample is padded with
-        `pad_token_id` (default: the first eos id) and generation stops when all have finished.
+        `pad_token_id` (default: the generation config's, else the first eos id) and generation stops when all have finished.
         Sampling is reproducible from `seed`.
         """
         if max_new_tokens < 1:
@@ -148,6 +148,8 @@ class PrunedModel:
             )
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
         eos = self._eos_ids(eos_token_id)
+        if pad_token_id is None:  # as transformers: the generation config's pad id, else the first eos id
+            pad_token_id = getattr(getattr(self.model, "generation_config", None), "pad_token_id", None)
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         input_ids = input_ids.to(self.input_device)
         generator = None

@@ -42,6 +42,7 @@ from typing import Any, Sequence
 from tqdm.auto import tqdm
 
 from ..errors import VlmpruneError
+from ..data import Example, example_batches, image_channels
 from ..methods.base import layer_count
 from ..files import write_json
 from ..pruned_model import PrunedModel
@@ -91,6 +92,7 @@ def sweep(
     decode_tokens: int = 8,
     examples: Sequence | None = None,
     max_new_tokens: int = 32,
+    load_options: dict[str, Any] | None = None,
 ) -> SweepResult:
     """Run (or resume) a sweep and write ``out_dir/{results.json, table.md, pareto.png}``.
 
@@ -104,7 +106,9 @@ def sweep(
     `examples`: a user's `vlmprune.data.Example` rows instead of FashionScenes: each point generates
     up to `max_new_tokens` (`eval.answers.evaluate_answers`; the full model's responses are computed
     once) and its ``accuracy`` is the normalised exact match where the rows have answers, otherwise the
-    agreement with the full model (``metric`` says which).
+    agreement with the full model (``metric`` says which). `load_options`: `vlmprune.load` keywords
+    (``device``, ``dtype``, ``device_map``, ``max_memory``, ``offload_folder``) for a `model` given by
+    name; a ``dtype`` other than auto joins the points' model key (it changes the results).
     """
     from ..methods import registry
 
@@ -121,8 +125,9 @@ def sweep(
         samples, data_id = _examples(examples, limit)
     else:
         samples, data_id = _samples(samples, limit)
-    model_id = _model_id(model)
-    calib_id = calib if calibration is None else "samples:" + _samples_digest(calibration)
+    load_options = _check_load_options(model, load_options)
+    model_id = _model_id(model) + _dtype_suffix(load_options)
+    calib_id = calib if calibration is None else _calibration_id(calibration)
     specs = [_Spec(FULL, 1.0, {})]
     for name in names:
         accepted = {f.name for f in fields(classes[name]) if f.init}
@@ -136,6 +141,7 @@ def sweep(
     store = _read_results(results_path)
     runner = _Runner(model, samples, classes, calib, calibration, batch_size, latency_batch, latency_repeats, decode_tokens)
     runner.user_data, runner.max_new_tokens = examples is not None, max_new_tokens
+    runner.load_options = load_options
     points, computed, reused = [], 0, 0
     bar = tqdm(specs, desc="sweep", unit="point", disable=not progress)
     for spec in bar:
@@ -173,13 +179,14 @@ class _Runner:
         self.calibrated: dict[str, Any] = {}
         self.user_data, self.max_new_tokens, self._reference = False, 32, None
         self._pm: PrunedModel | None = model if isinstance(model, PrunedModel) else None
+        self.load_options: dict[str, Any] = {}  # vlmprune.load keywords (device, dtype, device_map)
 
     @property
     def pm(self) -> PrunedModel:
         if self._pm is None:
             from ..loading import load
 
-            self._pm = load(self.model)
+            self._pm = load(self.model, **self.load_options)
         return self._pm
 
     def build(self, spec: _Spec):
@@ -208,7 +215,9 @@ class _Runner:
         from ..testbed.encode import encode_batches
 
         if self.calibration is not None and all(isinstance(c, dict) for c in self.calibration):
-            return list(self.calibration)  # model-input batches (e.g. from --calib-data)
+            return list(self.calibration)  # model-input batches
+        if self.calibration is not None and all(isinstance(c, Example) for c in self.calibration):  # --calib-data rows
+            return example_batches(self.pm.processor, list(self.calibration), 16, image_channels(self.pm.config), with_answer=True)
         if self.calibration is None and self.user_data:
             raise VlmpruneError("a sweep on your data calibrates ShortGPT on your data too: pass --calib-data FILE")
         scenes = self.calibration if self.calibration is not None else data.generate(self.calib, "train", seed=CALIBRATION_SEED)
@@ -235,7 +244,7 @@ class _Runner:
             from ..data import encode_examples, image_channels
             from ..testbed.encode import encode
 
-            device = next(pm.model.parameters()).device
+            device = pm.input_device  # (a parameter's device can be meta under a device_map's offload)
             batch = self.samples[: self.latency_batch]
             if self.user_data:
                 inputs = encode_examples(pm.processor, batch, image_channels(pm.config))
@@ -423,12 +432,49 @@ def _examples(examples: Sequence, limit: int | None) -> tuple[list, str]:
     return chosen, f"{Path(source).name or source}:{h.hexdigest()[:16]}"
 
 
+def _calibration_id(calibration: Sequence) -> str:
+    if all(isinstance(c, Example) for c in calibration):
+        return "examples:" + _examples(calibration, None)[1]
+    if all(isinstance(c, dict) for c in calibration):
+        h = hashlib.sha256()
+        for batch in calibration:
+            for key in sorted(batch):
+                h.update(key.encode())
+                h.update(batch[key].numpy().tobytes())
+        return "batches:" + h.hexdigest()[:16]
+    return "samples:" + _samples_digest(calibration)
+
+
 def _samples_digest(samples: Sequence) -> str:
     h = hashlib.sha256()
     for s in samples:
         h.update(f"{s.question}\0{s.answer}\0".encode())
         h.update(s.image.tobytes())
     return h.hexdigest()[:16]
+
+
+def _check_load_options(model, load_options: dict[str, Any] | None) -> dict[str, Any]:
+    """`load_options` checked now (before any point runs); they apply only to a model loaded by name."""
+    from ..loading import load_options as check
+
+    options = {k: v for k, v in dict(load_options or {}).items() if v is not None}
+    if not options:
+        return {}
+    if isinstance(model, PrunedModel):
+        raise VlmpruneError("load_options apply when the sweep loads the model by name; this model is already loaded")
+    unknown = set(options) - {"device", "dtype", "device_map", "max_memory", "offload_folder"}
+    if unknown:
+        raise VlmpruneError(f"unknown load_options {sorted(unknown)}; vlmprune.load takes device, dtype, device_map, max_memory, offload_folder")
+    check(**options)
+    return options
+
+
+def _dtype_suffix(load_options: dict[str, Any]) -> str:
+    """'' for the checkpoint's own dtype, else ``:bfloat16`` and the like (part of the points' model key)."""
+    from ..loading import resolve_dtype
+
+    dtype = resolve_dtype(load_options.get("dtype"))
+    return "" if dtype == "auto" else ":" + str(dtype).removeprefix("torch.")
 
 
 def _model_id(model: str | os.PathLike | PrunedModel) -> str:
@@ -438,9 +484,9 @@ def _model_id(model: str | os.PathLike | PrunedModel) -> str:
         name = getattr(model.config, "_name_or_path", "") or type(model.model).__name__
         h.update(model.config.to_json_string().encode())
         for pname, tensor in model.model.state_dict().items():  # name, shape and leading values of each
-            head = tensor.detach().flatten()[:4096].float().cpu()
             h.update(f"{pname}{tuple(tensor.shape)}{tensor.dtype}".encode())
-            h.update(head.numpy().tobytes())
+            if tensor.device.type != "meta":  # offloaded by a device_map: name, shape and dtype only
+                h.update(tensor.detach().flatten()[:4096].float().cpu().numpy().tobytes())
         return f"{name}@{h.hexdigest()[:12]}"
     name = str(model)
     if name == "testbed":

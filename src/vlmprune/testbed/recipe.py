@@ -40,6 +40,19 @@ CHAT_TEMPLATE = (
 )
 
 
+def is_recipe(config, processor) -> bool:
+    """Whether a model is of this recipe (a 1-channel 84-pixel tower, the word tokenizer with ``<image>``):
+    FashionScenes is the default data only for such a model."""
+    vision = getattr(config, "vision_config", None)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return (
+        getattr(vision, "num_channels", None) == 1
+        and getattr(vision, "image_size", None) == IMAGE_SIZE
+        and tokenizer is not None
+        and "<image>" in tokenizer.get_vocab()
+    )
+
+
 def build_processor(tokenizer):
     from transformers import CLIPImageProcessor, LlavaProcessor
 

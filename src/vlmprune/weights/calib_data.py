@@ -71,14 +71,45 @@ def text_batches(tokenizer, n: int, seq_len: int = TEXT_SEQ_LEN, batch_size: int
     return token_rows(ids, n, seq_len, batch_size)
 
 
-def calibration_batches(model: nn.Module, processor_or_tokenizer, n: int, seed: int = 0) -> list[dict]:
-    """The default calibration data for `model`: training scenes for a VLM (the testbed recipe), text for
-    a causal LM."""
+def calibration_batches(model: nn.Module, processor_or_tokenizer, n: int, seed: int = 0, data: str | None = None,
+                        read_options: dict | None = None) -> list[dict]:
+    """Calibration data for `model`: `n` samples of `data` (a source `vlmprune.data.read_examples`
+    reads for a VLM, `read_texts` for a causal LM), or by default FashionScenes training scenes for
+    the testbed recipe and CPython's documentation text for a causal LM. Any other VLM needs `data`."""
     from ..models import ADAPTERS
+    from ..testbed.recipe import is_recipe
 
     if processor_or_tokenizer is None:
         raise VlmpruneError("the checkpoint has no tokenizer or processor saved beside it; calibration needs one")
     tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
-    if getattr(model.config, "model_type", None) in ADAPTERS:
+    is_vlm = getattr(model.config, "model_type", None) in ADAPTERS
+    if data is not None and str(data) != "testbed":
+        return data_batches(model, processor_or_tokenizer, data, n, is_vlm, read_options or {})
+    if is_vlm:
+        if not is_recipe(model.config, processor_or_tokenizer):
+            raise VlmpruneError(
+                "calibration needs data for this model: pass --data FILE (JSONL rows {\"image\": PATH, \"prompt\": TEXT}, "
+                "a folder of images with --prompt, or a .parquet / hf:NAME dataset); FashionScenes is the default only "
+                "for the testbed"
+            )
         return scene_batches(tokenizer, n, seed)
+    if data is not None:
+        raise VlmpruneError("--data testbed is FashionScenes, for VLMs; give a causal LM a text or JSONL {\"text\"} file")
     return text_batches(tokenizer, n)
+
+
+def data_batches(model: nn.Module, processor_or_tokenizer, source: str, n: int, is_vlm: bool, read_options: dict) -> list[dict]:
+    """`n` calibration samples from a user's data: image + prompt (+ answer, as the assistant's turn)
+    rows through the checkpoint's chat template for a VLM; `TEXT_SEQ_LEN`-token slices of the texts
+    for a causal LM."""
+    from ..data import example_batches, image_channels, read_examples, read_texts, take
+
+    n = _check_n(n)
+    if is_vlm:
+        examples = take(read_examples(source, **read_options), n, "--calib", str(source))
+        return example_batches(processor_or_tokenizer, examples, SCENE_BATCH, image_channels(model.config), with_answer=True)
+    tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
+    ids = tokenizer("\n\n".join(read_texts(source)), add_special_tokens=False)["input_ids"]
+    if len(ids) < n * TEXT_SEQ_LEN:
+        raise VlmpruneError(f"{source} gives {len(ids)} tokens, fewer than --calib {n} x {TEXT_SEQ_LEN}; use a smaller --calib or more text")
+    return token_rows(ids, n, TEXT_SEQ_LEN, TEXT_BATCH)
