@@ -180,3 +180,32 @@ def test_eval_data_testbed_equals_the_one_token_evaluation(capsys):
     code, b, err = _run(capsys, "eval", "--data", "testbed", "--limit", 64)
     assert code == 0, err
     assert a.splitlines()[0] == b.splitlines()[0] and a.startswith("accuracy")
+
+
+def test_a_causal_lm_calibrates_on_the_users_text(tmp_path, capsys):
+    """A text-only LM reads JSONL {"text": ...} rows (or a text file): the calibration rows are the first
+    --calib x 128 tokens of that text, as the tokenizer cuts them."""
+    import transformers
+    from pydoc_data.topics import topics
+
+    from checkpoints import build_tokenizer
+    from vlmprune.weights import calibration_batches
+
+    tokenizer = build_tokenizer("llava")
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer) + 64, max_position_embeddings=512))
+    model.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    texts = [topics[k] for k in sorted(topics)[:40]]
+    data = tmp_path / "text.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t}) for t in texts) + "\n")
+    batches = calibration_batches(model, tokenizer, 4, data=str(data))
+    want = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"][: 4 * 128]
+    assert torch.equal(torch.cat([b["input_ids"] for b in batches]).flatten(), torch.tensor(want))
+    code, _, err = _run(capsys, "prune-weights", "--model", tmp_path / "lm", "--data", data, "--calib", 4, "--sparsity", 0.5,
+                        "--out", tmp_path / "out")
+    assert code == 0, err
+    code, _, err = _run(capsys, "prune-weights", "--model", tmp_path / "lm", "--data", data, "--calib", 4000, "--out",
+                        tmp_path / "out2")
+    assert code == 2 and "fewer than --calib 4000 x 128" in err
