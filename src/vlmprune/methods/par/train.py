@@ -1,5 +1,7 @@
-"""Self-supervised training of PAR's router: the frozen LVLM's unpruned answer distribution is the
-teacher; candidate pruning flows are scored by KL(unpruned || pruned) through the engine; the router
+"""Self-supervised training of PAR's router: the frozen LVLM's own greedy response (up to
+`response_tokens` tokens, generated once per training batch and cached in ``OUT/teacher``) is the
+teacher; candidate pruning flows are scored by KL(unpruned || pruned) averaged over the response's
+tokens, teacher-forced through the engine (`flows.flow_kl`); the router
 learns to prefer low-KL flows (a reference-free DPO-style preference loss on its log-likelihood of a
 selection) while regularisers hold its expected budget; an auxiliary loss (`attention_weight`, on by
 default, not in the paper) distils the teacher's attention ranking into the token logits.
@@ -12,13 +14,16 @@ loser keeps; it is divided by the number of swapped items so one `beta` serves e
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -26,7 +31,7 @@ from ...errors import VlmpruneError
 from ...files import write_dir
 from .checkpoint import CONFIG, save_router
 from ..base import keep_count, layer_count
-from .flows import NOISE_SCALES, candidate_masks, flow_kl, plan_from_masks, repeat_prepared, teacher_pass
+from .flows import NOISE_SCALES, Response, candidate_masks, flow_kl, forced_inputs, greedy_response, plan_from_masks, teacher_pass
 from .router import Router, RouterConfig
 
 LOSSES = ("preference", "distill")
@@ -45,7 +50,9 @@ class RouterTrainConfig:
     and from which dropped tokens are gone (the paper uses K = 2). `attention_weight`: the weight of an
     auxiliary loss beside the preference loss, the cross-entropy of the router's token distribution
     against the teacher's `score_layer` attention (`attention_loss`; not in the paper: without it the
-    testbed router learned no token choice beyond its tile rule, see README "PAR"); 0 turns it off."""
+    testbed router learned no token choice beyond its tile rule, see README "PAR"); 0 turns it off.
+    `response_tokens`: the teacher is the frozen model's greedy response of up to this many tokens
+    (stopping at EOS), and a flow's KL is averaged over its tokens; 1 is the first answer token only."""
 
     out: str
     model: str = "testbed"
@@ -62,6 +69,7 @@ class RouterTrainConfig:
     margin: float = 0.05
     budget_weight: float = 1.0
     attention_weight: float = 1.0
+    response_tokens: int = 32
     lr: float = 3e-3
     width: int = 64
     depth: int = 1
@@ -80,7 +88,7 @@ class RouterTrainConfig:
                 raise VlmpruneError(f"--{name} {value!r} is outside (0, 1]: the share kept, e.g. 0.25")
         if self.loss not in LOSSES:
             raise VlmpruneError(f"loss={self.loss!r} is not one of {', '.join(LOSSES)}")
-        for name in ("steps", "batch_size", "save_every", "log_every"):
+        for name in ("steps", "batch_size", "save_every", "log_every", "response_tokens"):
             if getattr(self, name) < 1:
                 raise VlmpruneError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -159,14 +167,55 @@ def _training_samples(cfg: RouterTrainConfig, step: int, tokenizer):
     return encode(samples, tokenizer)
 
 
+def _digest(pm, inputs: dict, response_tokens: int) -> str:
+    """A fingerprint of a teacher response's inputs: the model's config, the batch's tensors, the length asked for."""
+    h = hashlib.sha256(pm.config.to_json_string().encode())
+    h.update(str(response_tokens).encode())
+    for name in sorted(inputs):
+        value = inputs[name]
+        h.update(name.encode())
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(value).encode())
+    return h.hexdigest()
+
+
+def teacher_response(pm, inputs: dict, response_tokens: int, folder: Path, key: str) -> tuple[Response, bool]:
+    """The frozen model's greedy response to a training batch, from ``folder/<key>.safetensors`` when
+    that file was written for the same inputs (its metadata holds their digest), otherwise generated
+    and written there (temporary file, then rename). Returns the response and whether it was read."""
+    path = folder / f"{key}.safetensors"
+    digest = _digest(pm, inputs, response_tokens)
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("digest") == digest:
+                    return Response(f.get_tensor("ids"), f.get_tensor("lengths")), True
+        except (SafetensorError, OSError, ValueError, RuntimeError):
+            pass  # unreadable: generate it again
+    response = greedy_response(pm, inputs, response_tokens)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"ids": response.ids.contiguous(), "lengths": response.lengths.contiguous()}, str(tmp),
+              metadata={"digest": digest, "response_tokens": str(response_tokens)})
+    os.replace(tmp, path)
+    return response, False
+
+
 def train_router(cfg: RouterTrainConfig, pm=None, progress: bool = True, stop_after: int | None = None, batches=None) -> dict | None:
     """Train (or resume) a router for `cfg.model` (or the given `PrunedModel`) and save it to
     ``cfg.out`` (``router.safetensors`` + ``router.json`` with the config and the training log).
 
     Training state goes to ``OUT/state`` every `save_every` steps; running the same command again
-    resumes from it. `batches`: a list of model-input dicts to train on instead of FashionScenes
-    training scenes (cycled), e.g. for another model family. `stop_after` stops (saved) after that
-    many steps in total and returns None.
+    resumes from it. The teacher's response to each batch is generated once and kept in
+    ``OUT/teacher/<key>.safetensors`` (key: ``scenes-<step>`` for FashionScenes scenes, ``batch-<index>``
+    for `batches`), which a resumed run reads. `batches`: a list of model-input dicts (prompt batches,
+    as `PrunedModel.prepare` takes them) to train on instead of FashionScenes training scenes (cycled),
+    e.g. for another model family. `stop_after` stops (saved) after that many steps in total and
+    returns None.
     """
     from ...loading import load
     from ...testbed.train import load_optimizer_tensors, optimizer_tensors
@@ -213,10 +262,15 @@ def train_router(cfg: RouterTrainConfig, pm=None, progress: bool = True, stop_af
     window: list[dict] = []
     for step in bar:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        inputs = batches[step % len(batches)] if batches is not None else _training_samples(cfg, step, tokenizer)
+        if batches is not None:
+            inputs, key = batches[step % len(batches)], f"batch-{step % len(batches):06d}"
+        else:
+            inputs, key = _training_samples(cfg, step, tokenizer), f"scenes-{step:06d}"
+        response, _ = teacher_response(pm, inputs, cfg.response_tokens, out / "teacher", key)
         with torch.no_grad():
             prep = pm.prepare(**inputs)
-            teacher = teacher_pass(pm, prep, cfg.score_layer, cfg.token_layer)
+            forced = forced_inputs(pm, prep, response)
+            teacher = teacher_pass(pm, prep, cfg.score_layer, cfg.token_layer, forced)
         batch = prep.input_ids.shape[0]
         pick = torch.randint(len(budgets), (batch,), generator=gen)
         chosen = [budgets[i] for i in pick.tolist()]
@@ -231,7 +285,7 @@ def train_router(cfg: RouterTrainConfig, pm=None, progress: bool = True, stop_af
                                                    cfg.layer_flows, cfg.token_layer)
         c = token_masks.shape[1]
         flows = plan_from_masks(token_masks.flatten(0, 1), layer_masks.flatten(0, 1), cfg.token_layer)
-        kl = flow_kl(pm, repeat_prepared(prep, c), flows, teacher.log_probs.repeat_interleave(c, 0)).view(batch, c)
+        kl = flow_kl(pm, forced, flows, teacher.log_probs, repeats=c).view(batch, c)
 
         if cfg.loss == "preference":
             main = preference_loss(out_r.token_logits, out_r.layer_logits, token_masks, layer_masks, kl, cfg.beta, cfg.margin)
@@ -248,7 +302,8 @@ def train_router(cfg: RouterTrainConfig, pm=None, progress: bool = True, stop_af
 
         top = len(NOISE_SCALES)  # the router's own top-k candidate
         window.append(dict(loss=main.item(), budget=reg.item(), mean_kl=kl.mean().item(),
-                           router_kl=kl[:, top].mean().item(), best_kl=kl.min(1).values.mean().item()))
+                           router_kl=kl[:, top].mean().item(), best_kl=kl.min(1).values.mean().item(),
+                           response_tokens=response.lengths.float().mean().item()))
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             entry = {"step": done, **{k: sum(w[k] for w in window) / len(window) for k in window[0]}}
