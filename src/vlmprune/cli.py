@@ -276,7 +276,7 @@ def _cmd_router_train(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     options = dict(steps=args.steps, batch_size=args.batch_size, loss=args.loss, lr=args.lr, token_layer=args.token_layer,
-                   width=args.width, depth=args.depth, attention_weight=args.attention_weight)
+                   width=args.width, depth=args.depth, attention_weight=args.attention_weight, response_tokens=args.response_tokens)
     cfg = RouterTrainConfig(out=args.out, model=args.model, tokens=args.tokens, layers=args.layers, seed=args.seed,
                             sample_budgets=not args.fixed_budget, **{k: v for k, v in options.items() if v is not None})
     pm = load(args.model, **load_kwargs)
@@ -424,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--width", type=int, help="router width (default 64)")
     rt.add_argument("--depth", type=int, help="router transformer layers (default 1)")
     rt.add_argument("--attention-weight", type=float, help="weight of the auxiliary distillation of the teacher's layer-1 attention into the token logits (default 1; 0: preference only)")
+    rt.add_argument("--response-tokens", type=int, help="the teacher is the frozen model's greedy response of up to N tokens (stopping at EOS; generated once per batch, cached in OUT/teacher); each flow's KL is averaged over them (default 32; 1: the first answer token only)")
     rt.add_argument("--seed", type=int, default=0)
     rt.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     rt.add_argument("--stop-after", type=int, help="stop (saving the state) after this many steps")
