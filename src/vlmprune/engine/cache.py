@@ -34,18 +34,22 @@ class LayerwiseKVCache:
         return self.key_valid[layer_idx] is not None
 
     def entries(self) -> torch.Tensor:
-        """[B, n_layers] real (non-padding) cached tokens per sample and layer; 0 where a layer did not run."""
-        out = torch.zeros(self.batch_size, len(self.keys), dtype=torch.long)
+        """[B, n_layers] real (non-padding) cached tokens per sample and layer; 0 where a layer did not run.
+
+        Counted where each layer's cache lives and read back to the CPU in one transfer."""
+        present = [v for v in self.key_valid if v is not None]
+        device = present[0].device if present else torch.device("cpu")
+        out = torch.zeros(self.batch_size, len(self.keys), dtype=torch.long, device=device)
         for layer, valid in enumerate(self.key_valid):
             if valid is None:
                 continue
             rows = self.rows[layer]
-            counts = valid.sum(1).cpu()
+            counts = valid.sum(1).to(device)
             if rows is None:
                 out[:, layer] = counts
             else:
-                out[rows.cpu(), layer] = counts
-        return out
+                out[rows.to(device), layer] = counts
+        return out.cpu()
 
     def nbytes(self) -> int:
         """Bytes held by keys and values (padding slots included)."""

@@ -229,7 +229,8 @@ class Adapter:
 
     def placement(self) -> Placement:
         """Where each part of the language model computes (see `Placement`): worked out once and kept
-        while the embedding stays where it was (moving the whole model with ``.to`` refreshes it)."""
+        while the embedding stays where it was (moving the whole model with ``.to`` refreshes it;
+        after moving single layers by hand, wrap the model again)."""
         dec = self.decoder
         home = execution_device(dec.embed_tokens, torch.device("cpu"))
         if self._placement is None or self._placement.input != home:
@@ -249,9 +250,11 @@ class Adapter:
         raise NotImplementedError
 
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for positions ``[A, B, L]`` of any subset of tokens, on `hidden`'s device and in its dtype."""
+        """cos, sin for positions ``[A, B, L]`` of any subset of tokens, on `hidden`'s device and in its dtype
+        (computed where the rotary embedding lives)."""
         pos = position_ids[0] if self.position_axes == 1 else position_ids
-        cos, sin = self.decoder.rotary_emb(hidden, pos.to(hidden.device))
+        at = self.placement().rotary
+        cos, sin = self.decoder.rotary_emb(hidden.to(at), pos.to(at))
         return cos.to(hidden.device), sin.to(hidden.device)
 
     # ------------------------------------------------------------------ helpers for subclasses
