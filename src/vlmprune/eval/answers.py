@@ -85,8 +85,7 @@ def _response(pm: PrunedModel, sequences: torch.Tensor, prompt_len: int) -> Refe
 
 def _inputs(pm: PrunedModel, batch: Sequence[Example]) -> dict:
     inputs = encode_examples(pm.processor, batch, image_channels(pm.config))
-    device = pm.adapter.decoder.embed_tokens.weight.device
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    return pm.to_input_device(inputs)  # the embedding's execution device (its weight may be offloaded to meta)
 
 
 @torch.no_grad()
