@@ -183,7 +183,8 @@ def prefill(
     dec = adapter.decoder
     n_layers = dec.n_layers
     batch = prep.input_ids.shape[0]
-    plan.validate(n_layers, prep.n_visual)
+    n_visual = prep.n_visual  # (read from the device once)
+    plan.validate(n_layers, n_visual)
     by_layer: dict[int, LayerPolicy] = {}
     for policy in policies:
         for layer in policy.layers:
@@ -211,10 +212,10 @@ def prefill(
     for i, layer in enumerate(dec.layers):
         if i in by_layer:
             state.hidden = state.hidden.to(home)  # a policy reads the state on the input device
-            view = StageView(adapter, state, cache, last_layer, last_input, prep.n_visual, score_rows)
+            view = StageView(adapter, state, cache, last_layer, last_input, n_visual, score_rows)
             decision = by_layer[i].select(i, view)
             decided = decision if isinstance(decision, Plan) else Plan(keep={i: decision})
-            decided.validate(n_layers, prep.n_visual)
+            decided.validate(n_layers, n_visual)
             if i in decided.keep:  # (a decision may only skip later layers)
                 stages[i] = _restrict(decided.keep[i], state.kept_visual(), i)
             if i in decided.merge:
