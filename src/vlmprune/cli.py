@@ -277,7 +277,8 @@ def _cmd_router_train(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     options = dict(steps=args.steps, batch_size=args.batch_size, loss=args.loss, lr=args.lr, token_layer=args.token_layer,
                    width=args.width, depth=args.depth, attention_weight=args.attention_weight, response_tokens=args.response_tokens)
-    cfg = RouterTrainConfig(out=args.out, model=args.model, tokens=args.tokens, layers=args.layers, seed=args.seed,
+    cfg = RouterTrainConfig(out=args.out, model=args.model, data=str(args.data or "testbed"), tokens=args.tokens,
+                            layers=args.layers, seed=args.seed,
                             sample_budgets=not args.fixed_budget, **{k: v for k, v in options.items() if v is not None})
     pm = load(args.model, **load_kwargs)
     record = train_router(cfg, pm=pm, stop_after=args.stop_after, batches=_router_batches(args, cfg, pm))

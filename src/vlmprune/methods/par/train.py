@@ -56,6 +56,7 @@ class RouterTrainConfig:
 
     out: str
     model: str = "testbed"
+    data: str = "testbed"  # the training prompts' source (recorded; a resumed run must use the same)
     tokens: float = 0.25
     layers: float = 0.75
     sample_budgets: bool = True
