@@ -209,3 +209,14 @@ def test_a_causal_lm_calibrates_on_the_users_text(tmp_path, capsys):
     code, _, err = _run(capsys, "prune-weights", "--model", tmp_path / "lm", "--data", data, "--calib", 4000, "--out",
                         tmp_path / "out2")
     assert code == 2 and "fewer than --calib 4000 x 128" in err
+
+
+def test_an_image_the_processor_cannot_take_names_the_row(user_checkpoints, photo_jsonl, tmp_path, capsys):
+    """Qwen's processor refuses a 300:1 image; the error names the file and the row, exit 2."""
+    from PIL import Image
+
+    Image.new("RGB", (900, 3), (10, 20, 30)).save(photo_jsonl.parent / "thin.png")
+    bad = photo_jsonl.parent / "thin.jsonl"
+    bad.write_text(photo_jsonl.read_text().splitlines()[0] + "\n" + json.dumps({"image": "thin.png", "prompt": "q"}) + "\n")
+    code, _, err = _run(capsys, "eval", "--model", user_checkpoints["qwen2_vl"], "--data", bad, "--max-new-tokens", 2)
+    assert code == 2 and f"{bad} row 2: the model's processor cannot take this row: absolute aspect ratio" in err
