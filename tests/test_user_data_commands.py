@@ -169,6 +169,9 @@ def test_missing_data_and_too_many_samples_exit_2(user_checkpoints, photo_jsonl,
 
 def test_rgb_photographs_on_the_one_channel_testbed(photo_jsonl, capsys):
     """The testbed's tower takes 1 channel: the photographs are converted to greyscale, with a notice."""
+    from vlmprune.data import images
+
+    images._noticed.clear()  # the notice is printed once per process
     code, out, err = _run(capsys, "eval", "--model", "testbed", "--data", photo_jsonl, "--max-new-tokens", 2, "--limit", 3)
     assert code == 0, err
     assert "greyscale" in err and "3 samples" in out
