@@ -108,6 +108,9 @@ def test_hugging_face_json_parquet_and_imagefolder(tmp_path):
 
 
 def test_image_conversion_is_lossless_or_announced_or_refused(capsys):
+    from vlmprune.data import images
+
+    images._noticed.clear()  # the notice is printed once per process
     grey = Image.fromarray(np.arange(64, dtype="uint8").reshape(8, 8))
     rgb = conform_image(grey, 3)
     assert rgb.mode == "RGB" and np.array_equal(np.asarray(rgb)[..., 1], np.asarray(grey))
