@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vlmprune
-from conftest import FAMILIES, IMAGE_TOKEN, make_batch
+from conftest import FAMILIES, IMAGE_TOKEN, make_batch, sample_inputs
 from reference import dropped_mask, masked_attentions
 from vlmprune.engine.sequence import TokenState
 from vlmprune.methods.token.pool import pooled_groups
@@ -86,6 +86,26 @@ def test_random_is_seeded_and_sized(tiny_models):
     c, _ = vlmprune.Random(keep=0.5, layer=1, seed=4).decide(pm, prep)
     assert a == b and a != c
     assert [r.numel() for r in a.keep[1]] == [round(n / 2) for n in batch.n_visual]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_random_draws_belong_to_the_sample_not_its_batch_position(tiny_models, family):
+    """Each sample its own draw: two batches of different samples differ at every position, while a
+    sample alone, left- or right-padded in a batch, or at another position gets the same tokens."""
+    model = tiny_models(family)
+    pm = vlmprune.wrap(model)
+    method = vlmprune.Random(keep=0.5, seed=3)
+    draw = lambda batch: [r.tolist() for r in method.decide(pm, pm.prepare(**batch.kwargs()))[0].keep[0]]
+    first = make_batch(family, model, [3, 6, 1], [4, 2, 7], "left", seed=0)
+    second = make_batch(family, model, [3, 6, 1], [4, 2, 7], "left", seed=1)  # other samples, same counts
+    assert first.n_visual == second.n_visual
+    together, others = draw(first), draw(second)
+    for b in range(3):
+        assert together[b] != others[b], b  # a different sample at the same position draws afresh
+    assert draw(make_batch(family, model, [3, 6, 1], [4, 2, 7], "right", seed=0)) == together
+    for b in range(3):  # alone, sample b sits at position 0
+        assert draw(sample_inputs(family, first, b)) == [together[b]], b
+    assert draw(first) == together  # the same seed, the same draw
 
 
 def test_a_method_in_generate_equals_its_applied_plan(tiny_models):

@@ -10,6 +10,7 @@ without running the model.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -73,6 +74,31 @@ def stage_layers(stages: tuple[float, ...], n_layers: int) -> tuple[int, ...]:
     """Stage boundaries as decoder layers: ``round(f * n_layers)`` clamped to ``1 .. n_layers-1`` (a
     stage reads the attention of the layer before it), duplicates merged."""
     return tuple(sorted({min(n_layers - 1, max(1, round(f * n_layers))) for f in stages}))
+
+
+def sample_fingerprint(input_ids: torch.Tensor, visual_embeds: torch.Tensor) -> int:
+    """A 32-bit fingerprint of one sample alone: the crc32 of its real token ids (int64, little-endian)
+    followed by the mean absolute value of its visual-token input embeddings (float64, 4 significant
+    digits). Padding, batch position and the other samples do not enter it. The embedding term only
+    tells apart images under the same prompt; rounding makes it robust to kernel-level float noise (a
+    batch could only change it if that noise moved the mean across a 4th-digit rounding boundary)."""
+    ids = input_ids.detach().cpu().to(torch.int64).numpy().astype("<i8").tobytes()
+    scale = float(visual_embeds.detach().double().abs().mean()) if visual_embeds.numel() else 0.0
+    return zlib.crc32(f"{scale:.3e}".encode(), zlib.crc32(ids))
+
+
+def sample_generator(seed: int, prep, b: int) -> torch.Generator:
+    """A CPU generator for sample `b` of the prepared batch `prep` alone, for methods that draw at random.
+
+    Seeded with the crc32 of `seed` (8 bytes, little-endian) continued from ``sample_fingerprint`` of
+    that sample (its real token ids and visual embeddings), so draws are reproducible from the seed and
+    the sample, independent across samples and batches, and the same alone or in any padded batch at
+    any position; a different `seed` gives a different generator seed (distinct for seeds that differ
+    by less than 2**32; 32 bits because torch's CPU generator keeps only the low 32 bits of a seed)."""
+    real = prep.attention_mask[b].bool()
+    visual = prep.visual_mask[b] & real
+    mine = sample_fingerprint(prep.input_ids[b][real], prep.inputs_embeds[b][visual])
+    return torch.Generator().manual_seed(zlib.crc32(int(seed).to_bytes(8, "little", signed=True), mine))
 
 
 def check_layer(layer: int, n_layers: int, lowest: int = 0, what: str = "layer") -> None:

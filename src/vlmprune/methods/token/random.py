@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ...engine.plan import Plan
-from ..base import check_keep, check_layer, keep_count
+from ..base import check_keep, check_layer, keep_count, sample_generator
 from ..registry import register_method
 
 
@@ -15,7 +15,10 @@ from ..registry import register_method
 @dataclass(frozen=True)
 class Random:
     """Keep a uniformly random `keep` (ratio or count) of each sample's visual tokens from `layer` on
-    (0 = before the LLM). Reproducible: the same `seed` gives the same choice for the same input."""
+    (0 = before the LLM). Reproducible and batch-independent: sample b draws from
+    ``base.sample_generator`` (seeded from `seed` and a fingerprint of that sample alone, as
+    `stratified-random` does), so the same sample gets the same tokens alone or at any position of any
+    padded batch, and different samples draw independently."""
 
     keep: float | int = 0.25
     layer: int = 0
@@ -26,6 +29,6 @@ class Random:
 
     def decide(self, pm, prep):
         check_layer(self.layer, pm.n_layers)
-        gen = torch.Generator().manual_seed(self.seed)
-        rows = [torch.randperm(n, generator=gen)[: keep_count(self.keep, n)] for n in prep.n_visual]
+        rows = [torch.randperm(n, generator=sample_generator(self.seed, prep, b))[: keep_count(self.keep, n)]
+                for b, n in enumerate(prep.n_visual)]
         return Plan(keep={self.layer: rows}), []

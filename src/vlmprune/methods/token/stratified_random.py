@@ -8,26 +8,14 @@ a learned router gains from *where* it looks from what it gains by merely coveri
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 import torch
 
 from ...engine.plan import Plan
-from ..base import check_keep, check_layer, keep_count
+from ..base import check_keep, check_layer, keep_count, sample_generator
 from ..registry import register_method
 from ..tiles import balanced_scores
-
-
-def sample_fingerprint(input_ids: torch.Tensor, visual_embeds: torch.Tensor) -> int:
-    """A 32-bit fingerprint of one sample alone: the crc32 of its real token ids (int64, little-endian)
-    followed by the mean absolute value of its visual-token input embeddings (float64, 4 significant
-    digits). Padding, batch position and the other samples do not enter it. The embedding term only
-    tells apart images under the same prompt; rounding makes it robust to kernel-level float noise (a
-    batch could only change it if that noise moved the mean across a 4th-digit rounding boundary)."""
-    ids = input_ids.detach().cpu().to(torch.int64).numpy().astype("<i8").tobytes()
-    scale = float(visual_embeds.detach().double().abs().mean()) if visual_embeds.numel() else 0.0
-    return zlib.crc32(f"{scale:.3e}".encode(), zlib.crc32(ids))
 
 
 @register_method("stratified-random")
@@ -36,11 +24,9 @@ class StratifiedRandom:
     """Keep a random `keep` (ratio or count) of each sample's visual tokens from `layer` on (0 = before
     the LLM), tile-balanced: one random token of every tile before a second of any (`tiles.balanced_row`).
 
-    Reproducible and batch-independent: sample b draws its uniform scores from a generator seeded with
-    the crc32 of `seed` (8 bytes, little-endian) continued from ``sample_fingerprint`` of that sample,
-    so the same sample gets the same tokens alone or in any padded batch, and a different `seed` gives
-    a different generator seed (distinct for seeds that differ by less than 2**32; 32 bits because
-    torch's CPU generator keeps only the low 32 bits of a seed)."""
+    Reproducible and batch-independent: sample b draws its uniform scores from ``base.sample_generator``
+    (seeded from `seed` and a fingerprint of that sample alone), so the same sample gets the same tokens
+    alone or in any padded batch, and a different `seed` gives a different choice."""
 
     keep: float | int = 0.25
     layer: int = 0
@@ -54,11 +40,7 @@ class StratifiedRandom:
         counts = prep.n_visual
         out = torch.zeros(len(counts), max(counts, default=0))
         for b, n in enumerate(counts):
-            real = prep.attention_mask[b].bool()
-            visual = prep.visual_mask[b] & real
-            mine = sample_fingerprint(prep.input_ids[b][real], prep.inputs_embeds[b][visual])
-            seed = zlib.crc32(int(self.seed).to_bytes(8, "little", signed=True), mine)
-            out[b, :n] = torch.rand(n, generator=torch.Generator().manual_seed(seed))
+            out[b, :n] = torch.rand(n, generator=sample_generator(self.seed, prep, b))
         return out
 
     def decide(self, pm, prep):
