@@ -4,6 +4,8 @@
 from .allocation import (
     allocate,
     block_sizes,
+    ecoflap_allocate,
+    ecoflap_keep_counts,
     first_order_scores,
     owl_scores,
     owl_sparsities,
@@ -40,6 +42,8 @@ __all__ = [
     "calibration_loss",
     "check_out_dir",
     "dense_input_norms",
+    "ecoflap_allocate",
+    "ecoflap_keep_counts",
     "find_stacks",
     "first_order_scores",
     "load_for_pruning",

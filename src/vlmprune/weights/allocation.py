@@ -2,28 +2,32 @@
 
 A unit's sparsity is the share of its weights that the local pruner (`local.py`) zeroes. Every
 allocator here keeps the **parameter-weighted mean sparsity equal to the target**:
-``sum_i (1 - s_i) * size_i == (1 - target) * sum_i size_i``.
+``sum_i (1 - s_i) * size_i == (1 - target) * sum_i size_i`` (`ecoflap_allocate`: in whole weights,
+``floor((1 - target) * sum_i size_i)`` kept, as ECoFLaP's code counts them).
 
 * `uniform`: every unit at the target.
-* `allocate`: keep fractions proportional to importance scores, clamped to ``target +- cap`` (a capped
-  proportional fill solved exactly; the allocation step of ECoFLaP).
+* `ecoflap_allocate`: ECoFLaP's released rule (Sung et al. 2023, "ECoFLaP: Efficient Coarse-to-Fine
+  Layer-Wise Pruning for Vision-Language Models", https://arxiv.org/abs/2310.02998; code
+  github.com/ylsung/ECoFLaP, ``LayerSparsity.compute_the_sparsity_per_group``): every unit first keeps
+  ``ceil(size * (1 - s_max))`` weights, ``s_max = target + cap``, then the rest of the budget goes out
+  in proportion to the scores, iteratively, no unit above its size. The default of ``ecoflap``.
+* `allocate`: vlmprune's "clamped" rule, a named deviation: the *whole* keep fraction proportional to
+  the scores, clamped to ``target +- cap`` (a capped proportional fill solved exactly).
 * `owl_scores` / `owl_sparsities`: OWL, layers with more Wanda outliers get lower sparsity (Yin et al.
-  2023, "Outlier Weighed Layerwise Sparsity (OWL)", https://arxiv.org/abs/2310.05175).
+  2023, "Outlier Weighed Layerwise Sparsity (OWL)", https://arxiv.org/abs/2310.05175; code
+  github.com/luuyin/OWL, ``lib/prune_all.py``).
 * `first_order_scores` / `zeroth_order_scores`: ECoFLaP's global importance of each block, from real
-  gradients or from forward-only (zeroth-order) gradient estimates (Sung et al. 2023, "ECoFLaP:
-  Efficient Coarse-to-Fine Layer-Wise Pruning for Vision-Language Models",
-  https://arxiv.org/abs/2310.02998).
+  gradients or from forward-only (zeroth-order) gradient estimates.
 
-ECoFLaP's coarse step (the block scores are totals over a block's weights; dividing by the block's
-size gives keep fractions proportional to the mean importance per weight, i.e. kept *counts*
-proportional to the block totals, as in the paper's "sum" aggregation)::
+ECoFLaP's coarse step as its released zeroth-order scripts run it (``MEZO-GradOnly_sum``: each weight
+matrix perturbed alone, a block's score the sum of its matrices' |projected gradient|; kept counts
+handed out in proportion to these block totals)::
 
     model.eval()  # dropout would make the two forwards of a difference disagree
-    blocks = list(decoder_layers)
+    blocks = [[m.weight for m in layer.modules() if isinstance(m, nn.Linear)] for layer in decoder_layers]
     losses = [lambda b=b: model(**b).loss for b in calibration_batches]
-    totals = zeroth_order_scores(losses, blocks, eps=1e-3, n_directions=4)
-    sizes = block_sizes(blocks)
-    sparsity = allocate([t / n for t, n in zip(totals, sizes)], target=0.5, cap=0.1, sizes=sizes)
+    totals = zeroth_order_scores(losses, blocks, eps=1e-3)       # per matrix, |g| ("grad")
+    sparsity = ecoflap_allocate(totals, target=0.5, sizes=block_sizes(blocks), cap=0.1)
 """
 
 from __future__ import annotations
@@ -107,7 +111,8 @@ def uniform(n: int, target: float) -> list[float]:
 
 
 def allocate(scores, target: float, cap: float = 0.1, sizes=None, cap_below: float | None = None) -> list[float]:
-    """Sparsity per unit, keeping weights in proportion to importance under one global budget.
+    """Sparsity per unit by vlmprune's **clamped** rule (``allocation="clamped"``; not ECoFLaP's released
+    rule, which is `ecoflap_allocate`), keeping weights in proportion to importance under one global budget.
 
     Rule: ``keep_i = clamp(c * score_i, 1 - s_max, 1 - s_min)`` and ``s_i = 1 - keep_i``, with the one
     scale ``c >= 0`` for which ``sum_i keep_i * size_i = (1 - target) * sum_i size_i`` (the budget is met
@@ -122,9 +127,10 @@ def allocate(scores, target: float, cap: float = 0.1, sizes=None, cap_below: flo
     ``total / size`` to keep counts proportional to the totals (ECoFLaP's "sum" aggregation).
 
     Units with equal scores get equal sparsities; a higher score never gets a higher sparsity.
-    ECoFLaP's code differs in one detail: it gives every block ``1 - s_max`` first and shares only the
-    rest in proportion to the scores (capped at the block's size); here the whole keep fraction is
-    proportional to the score and clamped at both ends.
+    Deviation from ECoFLaP's released code (`ecoflap_allocate`): that gives every block ``1 - s_max``
+    first and shares only the rest in proportion to the scores (capped at the block's size, bounded
+    below by sparsity 0 only); here the whole keep fraction is proportional to the score and clamped at
+    both ends, so the spread of the sparsities follows the spread of the scores more closely.
     """
     values = _scores(scores)
     t = _target(target)
@@ -172,6 +178,88 @@ def _capped_fill(rates: list[float], lo: float, hi: float, sizes: list[float], b
     return [min(hi, max(lo, c * r)) for r in rates]
 
 
+def ecoflap_keep_counts(scores, target: float, sizes, cap: float = 0.1) -> list[int]:
+    """Kept weights per unit by ECoFLaP's released rule (``allocation="released"``, the default of
+    ``method="ecoflap"``); `ecoflap_allocate` turns them into sparsities. ECoFLaP's code:
+    ``LayerSparsity.compute_the_sparsity_per_group`` in
+    LAVIS/lavis/compression/pruners/layer_single_base_pruner.py (lines 247-314), with ``s_max =
+    max_sparsity_per_layer = target + 0.1`` in every released script (e.g. scripts/blip2/ecoflap_zeroth.py
+    line 18). In whole weights:
+
+    1. budget ``B = floor((1 - target) * sum_i size_i)`` (line 359); every unit starts at
+       ``keep_i = ceil(size_i * (1 - s_max))`` (line 253), so no unit is sparser than ``s_max``;
+    2. while ``sum keep < B``: each unit still open gets ``ceil(score_i / sum(open scores) * (B - sum keep))``
+       more (line 260); a unit that reaches its size is closed (its score set to 0, line 264) and cut back
+       to its size (line 266);
+    3. the ceilings can overshoot ``B`` by up to one weight per unit: the excess is taken back from the
+       units that keep most (largest first, ties in unit order), none below ``floor(size_i * (1 - s_max))``
+       (lines 288-306; here also when the starting counts alone overshoot, e.g. with cap 0).
+
+    `scores` are the units' importance totals (>= 0, at least one > 0; the released scripts' ``_sum``
+    aggregation, e.g. `zeroth_order_scores` / `first_order_scores` as they come; pass ``total / size``
+    for the ``_avg`` aggregation of the FlanT5 script), `sizes` their parameter counts (positive ints).
+    A unit with score 0 stays at ``s_max``. The only other bound is sparsity >= 0 (a unit is never
+    denser than dense). Returns ints summing to exactly ``B``.
+
+    Where this differs from the released code, on purpose: step 3 *subtracts* the excess (the released
+    line 301 adds it, ``+=``, so its kept total overshoots B by up to two weights per unit); scores and
+    shares are float64 (the released code uses float32); a budget that no allocation can meet (the units
+    with score 0 pinned at ``s_max``, all others dense) raises a VlmpruneError (the released loop would
+    not end)."""
+    values = _scores(scores)
+    counts = _counts(sizes, len(values))
+    s_max = _max_sparsity(_target(target), cap)
+    budget = int(sum(counts) * (1 - _target(target)))
+    keep = [math.ceil(n * (1 - s_max)) for n in counts]
+    open_scores = list(values)
+    while sum(keep) < budget:
+        total = sum(open_scores)
+        if total <= 0:
+            raise VlmpruneError(
+                f"target={target:g} cannot be met with cap={cap:g}: the units with score 0 stay at sparsity {s_max:g} "
+                "and all the others are dense already; raise cap, or give those units positive scores"
+            )
+        rest = budget - sum(keep)
+        keep = [k + math.ceil(v / total * rest) for k, v in zip(keep, open_scores)]
+        open_scores = [0.0 if k >= n else v for k, v, n in zip(keep, open_scores, counts)]
+        keep = [min(k, n) for k, n in zip(keep, counts)]
+    # the loop ends at its first overshoot, where the released code trims (so trimming after it is the
+    # same); this also trims the starting counts alone when their ceilings exceed the budget (cap ~ 0)
+    excess = sum(keep) - budget
+    for i in sorted(range(len(keep)), key=lambda i: -keep[i]):  # stable: ties in unit order
+        if excess <= 0:
+            break
+        take = min(excess, keep[i] - int(counts[i] * (1 - s_max)))
+        keep[i] -= take
+        excess -= take
+    return keep
+
+
+def ecoflap_allocate(scores, target: float, sizes, cap: float = 0.1) -> list[float]:
+    """Sparsity per unit by ECoFLaP's released rule: ``1 - keep_i / size_i`` with `ecoflap_keep_counts`
+    (see there: every unit keeps ``1 - s_max`` first, ``s_max = target + cap``, the rest of the global
+    budget shared in proportion to the scores, capped at the unit's size)."""
+    counts = _counts(sizes, len(_scores(scores)))
+    return [1 - k / n for k, n in zip(ecoflap_keep_counts(scores, target, counts, cap), counts)]
+
+
+def _counts(sizes, n: int) -> list[int]:
+    """Parameter counts: positive ints, one per unit (the released rule counts whole weights)."""
+    if sizes is None:
+        raise VlmpruneError("ECoFLaP's released allocation counts whole weights: give sizes, the parameter count of each unit")
+    out = _numbers("sizes", sizes, n)
+    if min(out) < 1 or not all(v == int(v) for v in out):
+        raise VlmpruneError(f"sizes must be positive whole numbers (the parameter count of each unit), got {out}")
+    return [int(v) for v in out]
+
+
+def _max_sparsity(target: float, cap) -> float:
+    up = _nonneg("cap", cap, "the most a unit's sparsity may exceed the target, e.g. 0.1")
+    if target + up >= 1:
+        raise VlmpruneError(f"target + cap = {target + up:g} must stay below 1 (a unit at sparsity 1 is removed); use cap < {1 - target:g}")
+    return target + up
+
+
 # ----------------------------------------------------------------------------- OWL
 
 
@@ -181,7 +269,8 @@ def owl_scores(wanda_scores_per_layer: Sequence, m: float = 5.0) -> list[float]:
     ``LOD_l = #{A_ij > m * mean(A^l)} / numel(A^l)``, a fraction in [0, 1] (the paper reports percent).
 
     Each entry is one layer's scores: a tensor, or a sequence of tensors (e.g. every linear of a decoder
-    layer, pooled as OWL's code does before taking the mean)."""
+    layer, pooled as OWL's code does before taking the mean: lib/prune_all.py lines 943-947, with
+    ``check_outlier_mean`` at lines 139-154, which counts ``W > M * mean(W)`` in percent)."""
     m = _nonneg("m", m, "the outlier threshold in multiples of the layer's mean score; OWL uses 5")
     layers = [] if isinstance(wanda_scores_per_layer, torch.Tensor) else list(wanda_scores_per_layer)
     if not layers:
@@ -204,17 +293,25 @@ def _outlier_share(scores: torch.Tensor, m: float) -> float:
 
 
 def owl_sparsities(lod, target: float, lam: float = 0.08, sizes=None) -> list[float]:
-    """OWL's sparsity per layer from its outlier share `lod` (`owl_scores`), as in OWL's reference code:
+    """OWL's sparsity per layer from its outlier share `lod` (`owl_scores`), as OWL's released code
+    computes it (github.com/luuyin/OWL, lib/prune_all.py, ``prune_wanda_outlier`` lines 962-966; the
+    SparseGPT and magnitude variants, lines 1323-1327 and 629-633, are the same)::
 
-    ``x_l = 2 * lam * (LOD_l - min LOD) / (max LOD - min LOD)`` (min-max to [0, 2 lam]),
-    ``keep_l = x_l - mean(x) + (1 - target)`` and ``s_l = 1 - keep_l``,
+        x_l = (LOD_l - min LOD) / (max LOD - min LOD) * 2 * lam     # min-max to [0, 2 lam]
+        keep_l = x_l - mean(x) + (1 - target)                       # s_l = 1 - keep_l
 
-    where the mean is parameter-weighted when `sizes` are given (so the kept total is exact). More
-    outliers -> lower sparsity; the sparsities span exactly 2 * lam (max - min) and average to
-    `target`. The paper states the band as ``[target - lam, target + lam]``; the reference formula keeps
-    that band only when the mean of x sits at lam (e.g. LODs spread symmetrically), otherwise a layer
-    can be up to 2 * lam from the target. Equal LODs give the uniform allocation. A layer pushed out of
-    [0, 1) is an error that names the largest usable lam."""
+    More outliers -> lower sparsity; the sparsities span exactly ``2 * lam`` (max - min) and average to
+    `target`. So lambda bounds the *spread*, not the distance from the target: the paper states the
+    band as ``[target - lam, target + lam]``, which the code keeps only when the mean of x sits at lam
+    (e.g. LODs spread symmetrically); otherwise a layer can be up to ``2 * lam`` from the target. The
+    README's recipe is lam = 0.08 with M = 5 (`owl_scores`). Equal LODs (or lam = 0) give the uniform
+    allocation (the released code would divide by zero).
+
+    Deviations, both for the budget: with `sizes`, the mean is parameter-weighted (the released code
+    averages over LLaMA's equal decoder layers, ``np.mean``; a VLM's vision and language blocks differ
+    in size, and only the weighted mean keeps the kept total exact; equal sizes give the released
+    numbers); a layer pushed out of [0, 1) is an error that names the largest usable lam (the released
+    code sets a sparsity <= 0 to 0.01, lines 1057-1058, which breaks the budget, and has no check at 1)."""
     d = _numbers("lod", lod)
     t = _target(target)
     lam = _nonneg("lam", lam, "half the spread of the layer sparsities; OWL uses 0.08")
@@ -271,11 +368,30 @@ def _scalar(loss) -> torch.Tensor:
     return loss.reshape(())
 
 
-def first_order_scores(loss_fn, blocks: Sequence) -> list[float]:
-    """Each block's first-order (Taylor) importance from real backprop: ``sum_{w in block} |w * dL/dw|``,
-    averaged over the calibration batches when `loss_fn` is a list (one callable per batch, each
-    returning that batch's scalar loss with autograd on). ECoFLaP's first-order variant (|w| * |grad|,
-    summed over the block). Parameters get ``requires_grad`` for the call and have it restored after."""
+SCORES = ("grad", "grad-weight")  # ECoFLaP's GradOnly / GradMagAbs
+ZEROTH_MODES = ("per-matrix", "block")
+
+
+def _score_kind(score: str) -> str:
+    if score not in SCORES:
+        raise VlmpruneError(f"score={score!r} is not one of {', '.join(SCORES)} (grad: |gradient| only; grad-weight: |w| x |gradient|)")
+    return score
+
+
+def first_order_scores(loss_fn, blocks: Sequence, score: str = "grad-weight") -> list[float]:
+    """Each block's first-order importance from real backprop, averaged over the calibration batches
+    (`loss_fn` a list: one callable per batch, each returning that batch's scalar loss with autograd on):
+
+    * ``"grad-weight"`` (default): ``sum_{w in block} |w| * mean_batches |dL/dw|``, ECoFLaP's
+      ``GradMagAbs`` (LAVIS/lavis/compression/pruners/layer_single_base_pruner.py lines 446-467), the
+      score of its released first-order script (scripts/blip2/ecoflap_first.py, ``GradMagAbs_sum``);
+    * ``"grad"``: ``sum_{w in block} mean_batches |dL/dw|``, ECoFLaP's ``GradOnly`` (line 469).
+
+    ECoFLaP computes these on batches of one sample (the pruning loader's batch size defaults to 1,
+    evaluate_blip.py line 275), so gradient signs of different samples do not cancel: give one callable
+    per sample for the released score (`prune_weights` does where the batches split into samples).
+    Parameters get ``requires_grad`` for the call and have it restored after."""
+    kind = _score_kind(score)
     groups, fns = _block_params(blocks), _loss_fns(loss_fn)
     flat = [p for params in groups for p in params]
     totals = [0.0] * len(groups)
@@ -284,15 +400,18 @@ def first_order_scores(loss_fn, blocks: Sequence) -> list[float]:
             loss = _scalar(fn())
             if not loss.requires_grad:
                 raise VlmpruneError("the loss does not depend on the blocks' parameters with autograd on; do not wrap loss_fn in torch.no_grad")
-            grads = torch.autograd.grad(loss, flat, allow_unused=True)
-            it = iter(grads)
-            for b, params in enumerate(groups):
-                totals[b] += sum(_abs_product(p, next(it)) for p in params)
+            it = iter(torch.autograd.grad(loss, flat, allow_unused=True))
+            for b, params in enumerate(groups):  # sum |w| * mean |g| = mean sum |w| |g|: no accumulator needed
+                totals[b] += sum(_abs_product(p, next(it), kind == "grad-weight") for p in params)
     return [t / len(fns) for t in totals]
 
 
-def _abs_product(p: torch.Tensor, g: torch.Tensor | None) -> float:
-    return 0.0 if g is None else (p.detach().double() * g.double()).abs().sum().item()
+def _abs_product(p: torch.Tensor, g: torch.Tensor | None, weighted: bool) -> float:
+    """``sum |w| |g|`` (or ``sum |g|``) of one tensor."""
+    if g is None:
+        return 0.0
+    g = g.detach().double().abs()
+    return (p.detach().double().abs() * g).sum().item() if weighted else g.sum().item()
 
 
 @contextmanager
@@ -313,50 +432,79 @@ def zeroth_order_scores(
     eps: float = 1e-3,
     n_directions: int = 1,
     seed: int = 0,
-    weighted: bool = True,
+    mode: str = "per-matrix",
+    score: str = "grad",
     around_block: Callable[[int], AbstractContextManager] | None = None,
 ) -> list[float]:
     """Each block's importance from forward passes only (ECoFLaP's zeroth-order gradient, MeZO-style).
 
-    For each block B alone, calibration batch and direction: draw ``z ~ N(0, I)`` over B's weights,
-    evaluate ``L+ = L(w + eps z)`` and ``L- = L(w - eps z)`` (B perturbed, everything else fixed), take
-    the projected gradient ``g = (L+ - L-) / (2 eps)`` (central difference of L along z) and the
-    gradient estimate ``g * z``. The direction's score is ``sum_{w in B} |w| * |g z|`` (``weighted``,
-    the first-order importance |w * grad| with the estimated gradient), or ``|g|`` alone
-    (``weighted=False``, the "gradient" score of ECoFLaP's released zeroth-order scripts). The block
-    score is the mean over batches (`loss_fn` a list) and `n_directions` directions.
+    A direction perturbs some weights ``w`` by ``+- eps z``, ``z ~ N(0, I)``, everything else fixed, and
+    takes the projected gradient ``g = (L(w + eps z) - L(w - eps z)) / (2 eps)`` (the central difference
+    of L along z; ``g z`` estimates the gradient). What one direction perturbs (`mode`):
+
+    * ``"per-matrix"`` (default, ECoFLaP's released code): each tensor of the block alone, so a block
+      gets one |g| per tensor (give the 2-D weight matrices, as `prune_weights` does and ECoFLaP's code
+      selects them: ``len(v.shape) == 2``, LAVIS/lavis/compression/pruners/wanda_pruner.py line 732).
+      ``LayerSparsity.compute_importance_scores_mezo`` (layer_single_base_pruner.py lines 488-561)
+      loops over the matrices (line 512), the batches (517) and ``num_noise`` directions (523, default
+      1), perturbs the one matrix by +eps z, -2 eps z, +eps z (lines 530-539, eps = 1e-3) and sums
+      ``|g|`` (547-549);
+    * ``"block"`` (vlmprune's earlier default, a deviation): all of the block's tensors at once, one
+      |g| per block and direction; about ``tensors per block`` times fewer forwards.
+
+    The direction's score (`score`): ``"grad"`` (default): ``|g|``, ECoFLaP's ``MEZO-GradOnly`` (line
+    553), the score of every released zeroth-order script (``MEZO-GradOnly_sum`` for BLIP-2, EVA-CLIP,
+    CLIP; ``_avg`` for FlanT5); ``"grad-weight"`` (vlmprune's earlier default, a deviation):
+    ``sum_w |w| * |g z|``, the first-order importance |w * grad| with the estimated gradient (ECoFLaP's
+    ``MEZO-GradMagAbs``, line 556, is ``|g| * sum |w|`` without z; for a large matrix ``sum |w| |z|``
+    is close to ``sqrt(2 / pi) * sum |w|``, so the two nearly agree up to a constant).
+
+    The block's score: per-matrix, the sum over its tensors of the mean over batches (`loss_fn` a list)
+    and `n_directions` directions; block mode, that mean for the whole block. (The released code sums
+    over batches instead of averaging: the same for every block, so the same allocation.)
 
     `loss_fn()` takes no argument and returns the scalar loss; it runs under ``torch.no_grad``. Put the
     model in eval mode first. z is drawn from ``torch.Generator`` seeds derived from `seed` (the same
-    seed gives the same scores) and regenerated rather than stored; the block's original weights are
-    copied once and written back after every direction, so they come back bit-exactly (also when
-    loss_fn raises). Weights are perturbed in their own dtype: with half precision, use an `eps` large
-    enough to survive rounding (e.g. 1e-2). Cost: ``2 * len(blocks) * batches * n_directions`` forwards.
+    seed gives the same scores) and regenerated rather than stored; the perturbed tensors' weights are
+    copied before and written back after every direction, so they come back bit-exactly (also when
+    loss_fn raises; the released code subtracts the perturbation again). Weights are perturbed in their
+    own dtype: with half precision, use an `eps` large enough to survive rounding (e.g. 1e-2). Cost:
+    ``2 * batches * n_directions`` forwards per tensor (per-matrix) or per block (block).
     `around_block(k)`, if given, is a context manager entered while block k is scored (blocks in
-    order), e.g. `suffix.SuffixLosses.skipping`, which replays the unperturbed blocks before it.
+    order; every tensor of block k is scored inside it), e.g. `suffix.SuffixLosses.skipping`, which
+    replays the unperturbed blocks before it.
     """
     groups, fns = _block_params(blocks), _loss_fns(loss_fn)
     if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps > 0):
         raise VlmpruneError(f"eps={eps!r} must be a finite number > 0 (the perturbation size, e.g. 1e-3)")
     if isinstance(n_directions, bool) or not isinstance(n_directions, int) or n_directions < 1:
-        raise VlmpruneError(f"n_directions={n_directions!r} must be a positive int (random directions per block and batch)")
+        raise VlmpruneError(f"n_directions={n_directions!r} must be a positive int (random directions per perturbed tensor, or block, and batch)")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise VlmpruneError(f"seed={seed!r} must be an int")
+    if mode not in ZEROTH_MODES:
+        raise VlmpruneError(f"mode={mode!r} is not one of {', '.join(ZEROTH_MODES)} (per-matrix: each weight matrix perturbed alone, as ECoFLaP's code; block: the whole block at once)")
+    weighted = _score_kind(score) == "grad-weight"
     master = torch.Generator().manual_seed(seed)
     scores = []
     for k, params in enumerate(groups):
-        originals = [p.detach().clone() for p in params]
-        total = 0.0
+        parts = [[p] for p in params] if mode == "per-matrix" else [params]  # what one direction perturbs
         with around_block(k) if around_block is not None else nullcontext():
-            try:
-                for fn in fns:
-                    for _ in range(n_directions):
-                        z_seed = int(torch.randint(2**62, (1,), generator=master))
-                        total += _direction_score(fn, params, originals, z_seed, eps, weighted)
-            finally:
-                _write(params, originals)
-        scores.append(total / (len(fns) * n_directions))
+            scores.append(sum(_part_score(fns, part, master, eps, n_directions, weighted) for part in parts))
     return scores
+
+
+def _part_score(fns: list[LossFn], params: list[torch.Tensor], master: torch.Generator, eps: float, n_directions: int, weighted: bool) -> float:
+    """Mean over batches and directions of one direction's score, perturbing `params` together."""
+    originals = [p.detach().clone() for p in params]
+    total = 0.0
+    try:
+        for fn in fns:
+            for _ in range(n_directions):
+                z_seed = int(torch.randint(2**62, (1,), generator=master))
+                total += _direction_score(fn, params, originals, z_seed, eps, weighted)
+    finally:
+        _write(params, originals)
+    return total / (len(fns) * n_directions)
 
 
 def _noise(params: list[torch.Tensor], seed: int):
