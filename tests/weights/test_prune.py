@@ -86,19 +86,26 @@ def test_nm_holds_in_every_group(local):
     _untouched(model, before, report)
 
 
-@pytest.mark.parametrize("granularity", ["block", "layer"])
-@pytest.mark.parametrize("order", ["zeroth", "first"])
-def test_ecoflap_meets_the_budget_exactly_within_the_cap(order, granularity):
+@pytest.mark.parametrize(
+    "order, granularity, allocation",
+    [("zeroth", "block", "released"), ("zeroth", "layer", "released"), ("first", "block", "released"),
+     ("first", "layer", "released"), ("zeroth", "block", "clamped"), ("first", "layer", "clamped")],
+)
+def test_ecoflap_meets_the_budget_exactly_within_the_cap(order, granularity, allocation):
     model, batches = _setup("llava")
     before = _snapshot(model)
     report = prune_weights(model, batches, method="ecoflap", local="sparsegpt", sparsity=0.5, order=order,
-                           granularity=granularity, cap=0.15, progress=False)
+                           granularity=granularity, cap=0.15, allocation=allocation, progress=False)
     linears = dict(model.named_modules())
     sizes = {n: linears[n].weight.numel() for n in report.allocated}
     kept = sum((1 - s) * sizes[n] for n, s in report.allocated.items())
-    assert kept == pytest.approx(0.5 * sum(sizes.values()), rel=1e-9)
     shares = list(report.allocated.values())
-    assert all(0.35 - 1e-12 <= s <= 0.65 + 1e-12 for s in shares)
+    if allocation == "released":  # whole weights: floor((1 - target) * total); bounded by s_max and 0 only
+        assert kept == pytest.approx(int(0.5 * sum(sizes.values())), abs=1e-6)
+        assert all(0 <= s <= 0.65 + 1 / sizes[n] for n, s in report.allocated.items())
+    else:
+        assert kept == pytest.approx(0.5 * sum(sizes.values()), rel=1e-9)
+        assert all(0.35 - 1e-12 <= s <= 0.65 + 1e-12 for s in shares)
     assert max(shares) - min(shares) > 0.05  # a real allocation, not the uniform one
     if granularity == "block":  # the linears of a block share one sparsity
         by_block = {}
@@ -108,13 +115,16 @@ def test_ecoflap_meets_the_budget_exactly_within_the_cap(order, granularity):
     for name, s in report.allocated.items():  # SparseGPT counts per block of <= 128 columns: the whole matrix here
         weight = linears[name].weight
         assert int((weight == 0).sum()) == prune_count(s, weight.numel()), name
-    assert report.order == order and report.cap == 0.15
+    assert (report.order, report.cap, report.allocation) == (order, 0.15, allocation)
+    assert report.score == ("grad" if order == "zeroth" else "grad-weight")  # the released scripts' scores
+    assert report.zeroth_mode == ("per-matrix" if order == "zeroth" else None)
     _untouched(model, before, report)
 
 
-def test_owl_meets_the_budget_and_spreads_within_twice_lambda():
+def test_owl_meets_the_budget_and_spreads_twice_its_own_lambda():
     model, batches = _setup("qwen2_vl")
-    report = prune_weights(model, batches, method="owl", local="magnitude", sparsity=0.5, cap=0.08, progress=False)
+    report = prune_weights(model, batches, method="owl", local="magnitude", sparsity=0.5, progress=False)
+    assert (report.owl_lambda, report.owl_m, report.cap) == (0.08, 5.0, None)  # OWL's README recipe; cap is ECoFLaP's
     linears = dict(model.named_modules())
     sizes = {n: linears[n].weight.numel() for n in report.allocated}
     kept = sum((1 - s) * sizes[n] for n, s in report.allocated.items())
@@ -123,6 +133,82 @@ def test_owl_meets_the_budget_and_spreads_within_twice_lambda():
     assert max(shares) - min(shares) == pytest.approx(0.16)
     for name, s in report.allocated.items():  # magnitude counts across the matrix
         assert int((linears[name].weight == 0).sum()) == prune_count(s, sizes[name])
+    other = prune_weights(build_model("qwen2_vl"), batches, method="owl", local="magnitude", sparsity=0.5,
+                          owl_lambda=0.05, owl_m=2.0, cap=0.3, progress=False)
+    shares = list(other.allocated.values())
+    assert max(shares) - min(shares) == pytest.approx(0.1)  # 2 x owl_lambda; cap plays no part
+    assert [u["score"] for u in other.units] != [u["score"] for u in report.units]  # M = 2 counts other outliers
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(method="ecoflap"), dict(method="ecoflap", allocation="clamped", zeroth_mode="block", score="grad-weight"),
+     dict(method="ecoflap", order="first", granularity="layer"), dict(method="owl", owl_lambda=0.05), dict(method="uniform")],
+)
+def test_sparsity_json_lists_the_units_and_rederives_the_allocation(options, tmp_path):
+    """sparsity.json's "units" (name, params, score, allocated) are enough to recompute every unit's
+    sparsity with the allocation functions alone, and the units' sparsities are the linears'."""
+    from vlmprune.weights import allocate, ecoflap_allocate, owl_sparsities
+
+    model, batches = _setup("llava")
+    report = prune_weights(model, batches, local="magnitude", sparsity=0.6, progress=False, **options)
+    save_pruned(model, None, report, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "sparsity.json").read_text())
+    units = saved["units"]
+    assert [sorted(u) for u in units] == [["allocated", "name", "params", "score"]] * len(units)
+    linears = dict(model.named_modules())
+    for unit in units:  # each unit's linears: its params and its sparsity
+        names = [n for n in report.allocated if n == unit["name"] or n.startswith(unit["name"] + ".")]
+        assert names and unit["params"] == sum(linears[n].weight.numel() for n in names)
+        assert all(report.allocated[n] == unit["allocated"] for n in names)
+    assert sum(u["params"] for u in units) == report.pruned_params
+    scores, params, allocated = [u["score"] for u in units], [u["params"] for u in units], [u["allocated"] for u in units]
+    target = saved["target"]
+    if saved["method"] == "uniform":
+        assert scores == [None] * len(units) and allocated == [target] * len(units)
+    elif saved["method"] == "owl":
+        assert owl_sparsities(scores, target, lam=saved["owl_lambda"], sizes=params) == allocated
+    elif saved["allocation"] == "released":
+        assert ecoflap_allocate(scores, target, sizes=params, cap=saved["cap"]) == allocated
+    else:
+        assert allocate([t / n for t, n in zip(scores, params)], target, cap=saved["cap"], sizes=params) == allocated
+    assert len(set(allocated)) > 1 or saved["method"] == "uniform"
+
+
+def test_first_order_takes_each_samples_gradient_alone():
+    """First order = |w| x mean over samples of |dL_i/dw|, each sample's loss alone (padding trimmed),
+    as ECoFLaP's batch-1 loader: equal to a brute-force loop over the samples, and not the |gradient|
+    of the whole batch, where the signs of different samples cancel."""
+    from vlmprune.weights.prune import calibration_loss
+
+    gen = torch.Generator().manual_seed(6)
+    ids = torch.randint(3, 200, (3, 10), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[2, :3] = 0  # left padding
+    batches = [dict(input_ids=ids, attention_mask=mask)]
+    report = prune_weights(_llama(), batches, method="ecoflap", order="first", sparsity=0.5, progress=False)
+    got = [u["score"] for u in report.units]
+
+    def brute(rows):
+        model = _llama()
+        layers = model.model.layers
+        totals = [0.0] * len(layers)
+        for row in rows:
+            model.zero_grad()
+            calibration_loss(model, row).backward()
+            for b, layer in enumerate(layers):
+                totals[b] += sum((m.weight.detach().abs() * m.weight.grad.abs()).sum().item()
+                                 for m in layer.modules() if isinstance(m, torch.nn.Linear)) / len(rows)
+        return totals
+
+    samples = []
+    for i in range(3):
+        keep = mask[i].bool()
+        samples.append(dict(input_ids=ids[i : i + 1, keep], attention_mask=torch.ones(1, int(keep.sum()), dtype=torch.long)))
+    assert got == pytest.approx(brute(samples), rel=1e-5)
+    whole = brute(batches)
+    assert all(w < g for w, g in zip(whole, got))  # the batch gradient's signs cancel
+    assert report.score_samples == 3
 
 
 def test_a_weight_pruned_model_runs_with_a_token_method():
@@ -289,6 +375,11 @@ def test_only_batches_with_one_row_per_sample_split(family, splits):
         (dict(local="obs"), "wanda, sparsegpt, magnitude"),
         (dict(patterns=["*.nothing.*"]), "matches no linear"),
         (dict(method="ecoflap", sparsity=0.95, cap=0.1), "must stay below 1"),
+        (dict(method="ecoflap", allocation="proportional"), "allocation='proportional' is not one of released, clamped"),
+        (dict(method="ecoflap", zeroth_mode="layer"), "zeroth_mode='layer' is not one of per-matrix, block"),
+        (dict(method="ecoflap", score="taylor"), "score='taylor' is not one of grad, grad-weight"),
+        (dict(method="owl", owl_lambda=-0.1), r"owl_lambda=-0.1 must be a finite number >= 0"),
+        (dict(method="owl", owl_m=float("inf")), r"owl_m=inf must be a finite number >= 0"),
     ],
 )
 def test_bad_requests_are_refused(kwargs, message):

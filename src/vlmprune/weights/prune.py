@@ -6,11 +6,18 @@ touched. How sparse each one gets (`method`, see `allocation.py`):
 
 * ``"uniform"``: every linear at `sparsity`;
 * ``"owl"``: OWL (Yin et al. 2023, https://arxiv.org/abs/2310.05175): units with more Wanda outliers
-  in the dense model get lower sparsity, spread ``2 * cap`` (`cap` plays OWL's lambda);
+  (scores above `owl_m` times the unit's mean, default 5) in the dense model get lower sparsity, the
+  sparsities spanning ``2 * owl_lambda`` (default 0.08), as OWL's released code;
 * ``"ecoflap"``: ECoFLaP (Sung et al. 2023, https://arxiv.org/abs/2310.02998): each unit's importance
-  ``sum |w * dL/dw|`` on the calibration loss (the next-token cross-entropy of the calibration inputs on
-  themselves, whole model; `order` ``"zeroth"``: forward-only gradient estimates, ``"first"``: backprop),
-  then keep fractions in proportion, within ``sparsity +- cap``.
+  on the calibration loss (the next-token cross-entropy of the calibration inputs on themselves, whole
+  model), then kept weights handed out in proportion. As ECoFLaP's released code by default:
+  `order` ``"zeroth"`` perturbs each weight matrix alone (`zeroth_mode` ``"per-matrix"``) and scores
+  it by ``|g|`` (`score` ``"grad"``, ECoFLaP's GradOnly); ``"first"`` takes real gradients of one
+  sample at a time and scores ``|w| * mean |grad|`` (``"grad-weight"``, ECoFLaP's GradMagAbs); the
+  allocation (`allocation` ``"released"``) gives every unit ``1 - (sparsity + cap)`` first and shares
+  the rest of the budget in proportion to the block totals. vlmprune's earlier choices stay
+  selectable: ``zeroth_mode="block"`` (the whole block perturbed at once), ``score="grad-weight"``
+  for zeroth order, ``allocation="clamped"`` (keep fractions proportional, within ``sparsity +- cap``).
 
 A unit is one linear (``granularity="layer"``) or all selected linears of one block, a decoder layer or a
 vision block (``"block"``, the papers' choice, sharing one sparsity). Every allocation keeps the
@@ -43,7 +50,17 @@ from torch import nn
 
 from ..errors import VlmpruneError
 from ..eval.memory import peak_memory_growth
-from .allocation import allocate, first_order_scores, owl_scores, owl_sparsities, uniform, zeroth_order_scores
+from .allocation import (
+    SCORES,
+    ZEROTH_MODES,
+    allocate,
+    ecoflap_allocate,
+    first_order_scores,
+    owl_scores,
+    owl_sparsities,
+    uniform,
+    zeroth_order_scores,
+)
 from .calibrate import blockwise, dense_input_norms, find_stacks, model_inputs, select_linears
 from .local import Pattern, apply_mask, magnitude_mask, sparsegpt_prune, wanda_mask
 from .suffix import SuffixLosses
@@ -52,11 +69,13 @@ METHODS = ("uniform", "owl", "ecoflap")
 LOCALS = ("wanda", "sparsegpt", "magnitude")
 ORDERS = ("zeroth", "first")
 GRANULARITIES = ("layer", "block")
+ALLOCATIONS = ("released", "clamped")  # ECoFLaP's released rule / vlmprune's clamped proportional fill
+OWL_LAMBDA = 0.08  # OWL's README recipe: --Lamda 0.08 --Hyper_m 5
 DEFAULT_SPARSITY = 0.5
 ZEROTH_SCORE_SAMPLES = 4  # ECoFLaP zeroth order: 2 forwards per block per sample, so few samples by default
 ZEROTH_SCORE_TOKENS = 64  # ... and each text sample cut into pieces of this many tokens, one direction each
 ROW_KEYS = {"input_ids", "attention_mask", "labels", "pixel_values", "image_sizes"}  # inputs that split by sample
-OWL_M = 5.0  # OWL's outlier threshold, in multiples of a unit's mean Wanda score
+OWL_M = 5.0  # OWL's outlier threshold M, in multiples of a unit's mean Wanda score
 
 
 def _choice(name: str, value, choices: tuple[str, ...]) -> str:
@@ -76,7 +95,9 @@ class WeightPruneConfig:
     nm: an N:M pattern such as ``"2:4"`` (keep N of every M input columns); uniform only.
     order: ECoFLaP's importance, ``"zeroth"`` (forward passes only) or ``"first"`` (backprop).
     granularity: ``"block"`` (one sparsity per decoder layer / vision block) or ``"layer"`` (per linear).
-    cap: how far a unit's sparsity may stray from the target (ECoFLaP's bound; OWL's lambda).
+    cap: ECoFLaP's bound: no unit sparser than ``sparsity + cap`` (its ``max_sparsity_per_layer`` =
+        target + 0.1 in the released scripts); with ``allocation="clamped"`` also none denser than
+        ``sparsity - cap``. OWL does not use it (see `owl_lambda`).
     patterns: module-name patterns of the linears to prune (fnmatch, or ``"re:"`` + a regex); None: all
         linears inside the blocks.
     seed: seeds ECoFLaP's zeroth-order directions.
@@ -87,6 +108,16 @@ class WeightPruneConfig:
     score_tokens: zeroth order cuts each (split) text sample into consecutive pieces of this many
         tokens, each scored alone with its own direction: more directions from the same tokens at the
         same cost (with image inputs, samples stay whole); 0: whole samples.
+    allocation: ECoFLaP's rule from scores to sparsities: ``"released"`` (ECoFLaP's code,
+        `allocation.ecoflap_allocate`) or ``"clamped"`` (vlmprune's earlier rule, `allocation.allocate`).
+    zeroth_mode: ECoFLaP zeroth order, what one random direction perturbs: ``"per-matrix"`` (each
+        weight matrix alone, ECoFLaP's code; ``2 x linears x pieces`` forwards) or ``"block"`` (the
+        whole unit at once; ``2 x units x pieces``).
+    score: ECoFLaP's importance per matrix: ``"grad"`` (|gradient|, GradOnly) or ``"grad-weight"``
+        (|w| x |gradient|); None: ``"grad"`` for zeroth order, ``"grad-weight"`` for first, as the
+        released scripts.
+    owl_lambda: OWL's lambda: the allocated sparsities span ``2 * owl_lambda`` (max - min).
+    owl_m: OWL's M: a Wanda score above M times its unit's mean is an outlier.
     """
 
     method: str = "uniform"
@@ -100,6 +131,11 @@ class WeightPruneConfig:
     seed: int = 0
     score_samples: int | None = None
     score_tokens: int = ZEROTH_SCORE_TOKENS
+    allocation: str = "released"
+    zeroth_mode: str = "per-matrix"
+    score: str | None = None
+    owl_lambda: float = OWL_LAMBDA
+    owl_m: float = OWL_M
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
@@ -129,12 +165,25 @@ class WeightPruneConfig:
             raise VlmpruneError(f"score_samples={self.score_samples!r} must be a positive int (or None for the default)")
         if isinstance(self.score_tokens, bool) or not isinstance(self.score_tokens, int) or self.score_tokens < 0:
             raise VlmpruneError(f"score_tokens={self.score_tokens!r} must be an int >= 0 (tokens per scored piece; 0: whole samples)")
+        _choice("allocation", self.allocation, ALLOCATIONS)
+        _choice("zeroth_mode", self.zeroth_mode, ZEROTH_MODES)
+        if self.score is not None:
+            _choice("score", self.score, SCORES)
+        for name, hint in (("owl_lambda", "half the spread of OWL's sparsities, e.g. 0.08"), ("owl_m", "OWL's outlier threshold, e.g. 5")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise VlmpruneError(f"{name}={value!r} must be a finite number >= 0 ({hint})")
 
     @property
     def target(self) -> float:
         if self.nm is not None:
             return Pattern(nm=self.nm).ratio
         return DEFAULT_SPARSITY if self.sparsity is None else float(self.sparsity)
+
+    @property
+    def score_kind(self) -> str:
+        """The ECoFLaP score in use: `score`, or the released scripts' choice for `order`."""
+        return self.score or ("grad" if self.order == "zeroth" else "grad-weight")
 
     @property
     def pattern_nm(self) -> tuple[int, int] | None:
@@ -146,7 +195,15 @@ class SparsityReport:
     """What `prune_weights` did. ``achieved``: each pruned linear's share of exact zeros after pruning
     (full module name -> share); ``allocated``: the sparsity it was given; ``overall``: zeros / weights
     over all pruned linears. Local pruners round each count down (``floor``), so achieved can sit a few
-    weights below allocated."""
+    weights below allocated.
+
+    ``units``: every allocation unit (a block, or a linear with ``granularity="layer"``) in model order,
+    ``{"name", "params", "score", "allocated"}``: its parameter count over the pruned linears, the score
+    the allocation read (ECoFLaP: the unit's importance total; OWL: its outlier share; uniform: None)
+    and the sparsity it got, so the allocation can be re-derived from the scores:
+    ``ecoflap_allocate(scores, target, sizes=params, cap=cap)`` (``allocation="released"``),
+    ``allocate([s / n ...], target, cap=cap, sizes=params)`` (``"clamped"``),
+    ``owl_sparsities(scores, target, lam=owl_lambda, sizes=params)`` (OWL)."""
 
     model_type: str
     method: str
@@ -155,7 +212,12 @@ class SparsityReport:
     nm: str | None
     granularity: str
     order: str | None  # ECoFLaP only
-    cap: float | None  # OWL and ECoFLaP only
+    cap: float | None  # ECoFLaP only
+    allocation: str | None  # ECoFLaP only: "released" or "clamped"
+    zeroth_mode: str | None  # ECoFLaP zeroth order only: "per-matrix" or "block"
+    score: str | None  # ECoFLaP only: "grad" or "grad-weight"
+    owl_lambda: float | None  # OWL only
+    owl_m: float | None  # OWL only
     seed: int
     overall: float
     pruned_params: int
@@ -169,6 +231,7 @@ class SparsityReport:
     seconds: float  # allocation and local pruning together
     peak_memory_bytes: int  # growth above the memory in use before the call (the model's own weights excluded)
     memory_method: str  # how it was measured (eval/memory.py)
+    units: list[dict]  # {"name", "params", "score", "allocated"} per allocation unit (see above)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -249,28 +312,50 @@ def _block_of(stacks, linear_name: str) -> tuple[str, int]:
     raise VlmpruneError(f"{linear_name} is in no block stack")  # select_linears only picks linears inside blocks
 
 
-def _allocation(cfg: WeightPruneConfig, model, batches, stacks, linears, units) -> list[float]:
+def _allocation(cfg: WeightPruneConfig, model, batches, stacks, linears, units) -> tuple[list[float], list[float] | None]:
+    """(sparsity per unit, the score per unit the allocation read, or None for uniform)."""
     target = cfg.target
     sizes = [sum(linears[n].weight.numel() for n in names) for _, names in units]
     if cfg.method == "uniform" or target == 0:
-        return uniform(len(units), target)
+        return uniform(len(units), target), None
     if cfg.method == "owl":
         norms = dense_input_norms(model, batches, linears)
         lod = []
         for _, names in units:  # one unit's Wanda scores at a time: |W_ij| * ||X_j||
             scores = [linears[n].weight.detach().float().abs() * norms[n][None, :] for n in names]
-            lod += owl_scores([scores], m=OWL_M)
-        return owl_sparsities(lod, target, lam=cfg.cap, sizes=sizes)
+            lod += owl_scores([scores], m=cfg.owl_m)
+        return sparsities_from_scores(cfg, lod, sizes), lod
     params = [[linears[n].weight for n in names] for _, names in units]
     if cfg.order == "zeroth":
         scored = _zeroth_pieces(cfg, model, batches)
         suffix = SuffixLosses(model, scored, stacks, calibration_loss)
         where = [_block_of(stacks, names[0]) for _, names in units]
-        totals = zeroth_order_scores(suffix.losses(), params, seed=cfg.seed, around_block=lambda k: suffix.skipping(*where[k]))
+        totals = zeroth_order_scores(suffix.losses(), params, seed=cfg.seed, mode=cfg.zeroth_mode, score=cfg.score_kind,
+                                     around_block=lambda k: suffix.skipping(*where[k]))
     else:
-        scored = _scored_batches(cfg, model, batches)
-        totals = first_order_scores([functools.partial(calibration_loss, model, b) for b in scored], params)
-    return allocate([t / n for t, n in zip(totals, sizes)], target, cap=cfg.cap, sizes=sizes)
+        totals = first_order_scores([functools.partial(calibration_loss, model, b) for b in _first_order_samples(cfg, model, batches)],
+                                    params, score=cfg.score_kind)
+    return sparsities_from_scores(cfg, totals, sizes), totals
+
+
+def sparsities_from_scores(cfg: WeightPruneConfig, scores: Sequence[float], sizes: Sequence[int]) -> list[float]:
+    """The allocation step alone: sparsity per unit from the units' scores (ECoFLaP: importance
+    totals; OWL: outlier shares) and parameter counts, as `prune_weights` computes it; re-derives a
+    report's ``allocated`` from its ``units``."""
+    if cfg.method == "uniform" or cfg.target == 0:
+        return uniform(len(sizes), cfg.target)
+    if cfg.method == "owl":
+        return owl_sparsities(scores, cfg.target, lam=cfg.owl_lambda, sizes=sizes)
+    if cfg.allocation == "released":
+        return ecoflap_allocate(scores, cfg.target, sizes=sizes, cap=cfg.cap)
+    return allocate([t / n for t, n in zip(scores, sizes)], cfg.target, cap=cfg.cap, sizes=sizes)
+
+
+def _first_order_samples(cfg: WeightPruneConfig, model: nn.Module, batches: list[dict]) -> list[dict]:
+    """First order's batches: the scored samples one at a time where the batches split into samples
+    (ECoFLaP takes each sample's gradient alone, batch size 1, so signs of different samples do not
+    cancel in |grad|); batches that do not split stay whole."""
+    return _split_samples(_scored_batches(cfg, model, batches), getattr(model.config, "image_token_id", None))
 
 
 def _prune_linear(linear: nn.Linear, local: str, stats, sparsity: float, nm) -> None:
@@ -308,6 +393,11 @@ def prune_weights(
     seed: int = 0,
     score_samples: int | None = None,
     score_tokens: int = ZEROTH_SCORE_TOKENS,
+    allocation: str = "released",
+    zeroth_mode: str = "per-matrix",
+    score: str | None = None,
+    owl_lambda: float = OWL_LAMBDA,
+    owl_m: float = OWL_M,
     progress: bool = True,
 ) -> SparsityReport:
     """Prune the model's linears in place (see the module docstring and `WeightPruneConfig` for the
@@ -315,10 +405,11 @@ def prune_weights(
     model's forward takes: input_ids, attention_mask, pixel_values, ...; e.g. `calibration_batches`);
     magnitude pruning with uniform allocation needs none. Cost: one forward per batch per stack to
     capture block inputs, then two passes of each block (statistics, then the pruned outputs); OWL adds
-    one forward per batch, ECoFLaP zeroth-order ``2 x units x score_samples`` one-sample forwards (each
-    skipping the unperturbed blocks before the scored one, `suffix.py`), first-order one backward per
-    batch."""
-    cfg = WeightPruneConfig(method, local, sparsity, nm, order, granularity, cap, patterns, seed, score_samples, score_tokens)
+    one forward per batch, ECoFLaP zeroth-order ``2 x linears x pieces`` one-sample forwards
+    (``2 x units x pieces`` with ``zeroth_mode="block"``; each skipping the unperturbed blocks before
+    the scored one, `suffix.py`), first-order one backward per sample."""
+    cfg = WeightPruneConfig(method, local, sparsity, nm, order, granularity, cap, patterns, seed, score_samples, score_tokens,
+                            allocation, zeroth_mode, score, owl_lambda, owl_m)
     model = _unwrap(model_or_pm)
     batches = _check_batches(calib_batches, needed=not (cfg.method == "uniform" and cfg.local == "magnitude"))
     device = next(model.parameters()).device
@@ -326,7 +417,7 @@ def prune_weights(
     was_training = model.training
     model.eval()  # dropout would make ECoFLaP's paired forwards disagree
     try:  # a long run: sample memory every 5 ms and keep the garbage collector on
-        (linears, allocated, times), peak, memory_method = peak_memory_growth(
+        (linears, allocated, units, times), peak, memory_method = peak_memory_growth(
             lambda: _prune(cfg, model, batches, progress), device, interval=5e-3, pause_gc=False
         )
     finally:
@@ -335,6 +426,7 @@ def prune_weights(
     total = sum(m.weight.numel() for m in linears.values())
     zeros = sum(int((m.weight == 0).sum()) for m in linears.values())
     nm_pair = cfg.pattern_nm
+    ecoflap = cfg.method == "ecoflap"
     return SparsityReport(
         model_type=str(getattr(model.config, "model_type", type(model).__name__)),
         method=cfg.method,
@@ -342,8 +434,13 @@ def prune_weights(
         target=cfg.target,
         nm=None if nm_pair is None else f"{nm_pair[0]}:{nm_pair[1]}",
         granularity=cfg.granularity,
-        order=cfg.order if cfg.method == "ecoflap" else None,
-        cap=cfg.cap if cfg.method != "uniform" else None,
+        order=cfg.order if ecoflap else None,
+        cap=cfg.cap if ecoflap else None,
+        allocation=cfg.allocation if ecoflap else None,
+        zeroth_mode=cfg.zeroth_mode if ecoflap and cfg.order == "zeroth" else None,
+        score=cfg.score_kind if ecoflap else None,
+        owl_lambda=float(cfg.owl_lambda) if cfg.method == "owl" else None,
+        owl_m=float(cfg.owl_m) if cfg.method == "owl" else None,
         seed=cfg.seed,
         overall=zeros / total,
         pruned_params=total,
@@ -357,6 +454,7 @@ def prune_weights(
         seconds=times[1],
         peak_memory_bytes=peak,
         memory_method=memory_method,
+        units=units,
     )
 
 
@@ -448,13 +546,18 @@ def _pieces(batches: list[dict], size: int) -> list[dict]:
 
 def _prune(cfg: WeightPruneConfig, model: nn.Module, batches: list[dict], progress: bool):
     """Allocate, then prune every selected linear in place: (linears, allocated sparsity per linear,
-    (allocation seconds, total seconds))."""
+    the units' record for the report, (allocation seconds, total seconds))."""
     start = time.perf_counter()
     stacks = find_stacks(model)
     linears = select_linears(model, stacks, cfg.patterns)
     units = _units(stacks, linears, cfg.granularity)
-    shares = _allocation(cfg, model, batches, stacks, linears, units)
+    shares, scores = _allocation(cfg, model, batches, stacks, linears, units)
     allocated = {name: float(s) for (_, names), s in zip(units, shares) for name in names}
+    record = [
+        dict(name=unit, params=sum(linears[n].weight.numel() for n in names),
+             score=None if scores is None else float(scores[i]), allocated=float(shares[i]))
+        for i, (unit, names) in enumerate(units)
+    ]
     allocation_seconds = time.perf_counter() - start
     if cfg.local == "magnitude":  # needs no statistics, so no block replay
         for name, linear in linears.items():
@@ -463,4 +566,4 @@ def _prune(cfg: WeightPruneConfig, model: nn.Module, batches: list[dict], progre
         for step in blockwise(model, batches, linears, hessian=cfg.local == "sparsegpt", progress=progress):
             for name, linear in step.linears.items():
                 _prune_linear(linear, cfg.local, step.stats[name], allocated[name], cfg.pattern_nm)
-    return linears, allocated, (allocation_seconds, time.perf_counter() - start)
+    return linears, allocated, record, (allocation_seconds, time.perf_counter() - start)
