@@ -310,8 +310,11 @@ def _cmd_prune_weights(args: argparse.Namespace) -> None:
     from .weights import WeightPruneConfig, calibration_batches, check_out_dir, load_for_pruning, prune_weights, save_pruned
 
     patterns = [p.strip() for p in args.patterns.split(",")] if args.patterns else None
-    config = WeightPruneConfig(args.method, args.local, args.sparsity, args.nm, args.order, args.granularity, args.cap,
-                               patterns, args.seed, args.score_samples, args.score_tokens)
+    config = WeightPruneConfig(
+        method=args.method, local=args.local, sparsity=args.sparsity, nm=args.nm, order=args.order, granularity=args.granularity,
+        cap=args.cap, patterns=patterns, seed=args.seed, score_samples=args.score_samples, score_tokens=args.score_tokens,
+        allocation=args.allocation, zeroth_mode=args.zeroth_mode, score=args.score, owl_lambda=args.owl_lambda, owl_m=args.owl_m,
+    )
     check_out_dir(args.out, args.overwrite)  # validate before the slow load, so bad input fails fast
     model, processor = load_for_pruning(args.model, **_load_kwargs(args))
     batches = calibration_batches(model, processor, args.calib, seed=args.seed, data=args.data, read_options=_read_options(args))
@@ -391,7 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
     pw.add_argument("--nm", help="N:M pattern, e.g. 2:4 (keep N of every M; with --method uniform)")
     pw.add_argument("--order", default="zeroth", help="ECoFLaP importance: zeroth (forward only) or first (backprop)")
     pw.add_argument("--granularity", default="block", help="one sparsity per block (decoder layer) or per layer (linear)")
-    pw.add_argument("--cap", type=float, default=0.1, help="largest deviation of a unit's sparsity from the target")
+    pw.add_argument("--cap", type=float, default=0.1, help="ECoFLaP: no unit sparser than the target + cap (and, with "
+                    "--allocation clamped, none denser than the target - cap)")
+    pw.add_argument("--allocation", default="released", help="ECoFLaP's scores to sparsities: released (ECoFLaP's code: "
+                    "every unit keeps 1 - (target + cap) first, the rest shared by score) or clamped (keep fractions "
+                    "proportional to the scores, within target +- cap)")
+    pw.add_argument("--zeroth-mode", default="per-matrix", help="ECoFLaP zeroth order: per-matrix (each weight matrix "
+                    "perturbed alone, as ECoFLaP's code) or block (the whole block at once, fewer forwards)")
+    pw.add_argument("--score", help="ECoFLaP importance per matrix: grad (|gradient|) or grad-weight (|w| x |gradient|); "
+                    "default: grad for zeroth order, grad-weight for first, as ECoFLaP's scripts")
+    pw.add_argument("--owl-lambda", type=float, default=0.08, help="OWL's lambda: the sparsities span 2 x lambda (default 0.08)")
+    pw.add_argument("--owl-m", type=float, default=5.0, help="OWL's M: a Wanda score above M x its layer's mean is an outlier (default 5)")
     pw.add_argument("--score-samples", type=int, help="calibration samples ECoFLaP's scores use (default: 4 for "
                     "zeroth order, all for first)")
     pw.add_argument("--score-tokens", type=int, default=64, help="zeroth order: cut each text sample into pieces of "

@@ -431,15 +431,43 @@ def test_cli_prunes_a_testbed_checkpoint(testbed_dir, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_cli_prunes_a_causal_lm_with_an_nm_pattern(tmp_path, capsys):
+def _save_causal_lm(path):
     from pydoc_data.topics import topics
 
     words = sorted({w for text in topics.values() for w in text.split()})[:300]
     tok = build_tokenizer(words)
     config = transformers.LlamaConfig(**dict(TEXT, vocab_size=len(tok), pad_token_id=tok.pad_token_id))
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "lm")
-    tok.save_pretrained(tmp_path / "lm")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def test_cli_ecoflap_and_owl_options_reach_the_report(tmp_path, capsys):
+    _save_causal_lm(tmp_path / "lm")
+    base = ["prune-weights", "--model", str(tmp_path / "lm"), "--local", "magnitude", "--sparsity", "0.6", "--calib", "2"]
+    assert main(base + ["--method", "ecoflap", "--out", str(tmp_path / "a")]) == 0
+    report = json.loads((tmp_path / "a" / "sparsity.json").read_text())
+    assert (report["allocation"], report["zeroth_mode"], report["score"], report["cap"]) == ("released", "per-matrix", "grad", 0.1)
+    assert main(base + ["--method", "ecoflap", "--allocation", "clamped", "--zeroth-mode", "block", "--score", "grad-weight",
+                        "--cap", "0.05", "--out", str(tmp_path / "b")]) == 0
+    report = json.loads((tmp_path / "b" / "sparsity.json").read_text())
+    assert (report["allocation"], report["zeroth_mode"], report["score"], report["cap"]) == ("clamped", "block", "grad-weight", 0.05)
+    assert all(0.55 - 1e-12 <= u["allocated"] <= 0.65 + 1e-12 for u in report["units"])
+    assert main(base + ["--method", "owl", "--owl-lambda", "0.03", "--owl-m", "3", "--out", str(tmp_path / "c")]) == 0
+    report = json.loads((tmp_path / "c" / "sparsity.json").read_text())
+    assert (report["owl_lambda"], report["owl_m"]) == (0.03, 3.0)
+    shares = [u["allocated"] for u in report["units"]]
+    assert max(shares) - min(shares) == pytest.approx(0.06)
+    capsys.readouterr()
+    for flag, value, message in [("--zeroth-mode", "joint", "zeroth_mode='joint'"), ("--allocation", "x", "allocation='x'"),
+                                 ("--score", "w", "score='w'"), ("--owl-lambda", "-1", "owl_lambda=-1.0")]:
+        assert main(base + ["--method", "ecoflap", flag, value, "--out", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_prunes_a_causal_lm_with_an_nm_pattern(tmp_path, capsys):
+    _save_causal_lm(tmp_path / "lm")
     out = tmp_path / "out"
     assert main(["prune-weights", "--model", str(tmp_path / "lm"), "--local", "sparsegpt", "--nm", "2:4",
                  "--calib", "4", "--out", str(out)]) == 0
