@@ -7,6 +7,7 @@ import vlmprune
 from conftest import FAMILIES, IMAGE_TOKEN, make_batch, sample_inputs
 from reference import dropped_mask, masked_attentions
 from vlmprune.engine.sequence import TokenState
+from vlmprune.methods.base import SampleShape
 from vlmprune.methods.token.pool import pooled_groups
 
 
@@ -49,10 +50,27 @@ def test_pdrop_stages_follow_masked_reference_attention(tiny_models, family):
     drops, present = {}, [torch.ones(n, dtype=torch.bool) for n in batch.n_visual]
     for layer in (2, 4):
         maps = masked_attentions(eager, family, batch, drops)
-        expected = _topk_from_maps(maps, layer - 1, batch, present, method.lam)
+        expected = _topk_from_maps(maps, layer - 1, batch, present, method.stage_ratio(6))
         assert [r.tolist() for r in out.stats.plan.keep[layer]] == [e.tolist() for e in expected], layer
         present = [torch.isin(torch.arange(n), e) for n, e in zip(batch.n_visual, expected)]
         drops[layer] = dropped_mask(batch, expected)
+
+
+def test_pdrop_final_share_is_keep_when_stages_round_to_one_layer(tiny_models):
+    """Stages that round to the same layer are one stage: lambda = keep ** (1 / distinct stage layers),
+    so the final share is `keep` (closed form: 16 -> 8 -> 4 tokens for keep 0.25 over two stages)."""
+    model, batch = _batch(tiny_models, "llava")  # 16 visual tokens per sample, 6 layers
+    method = vlmprune.PDrop(keep=0.25, stages=(0.3, 0.34, 0.67))  # 0.3 and 0.34 both round to layer 2
+    out = vlmprune.wrap(model)(**batch.kwargs(), prune=method)
+    assert sorted(out.stats.plan.keep) == [2, 4]
+    assert [r.numel() for r in out.stats.plan.keep[2]] == [n // 2 for n in batch.n_visual]
+    assert [r.numel() for r in out.stats.plan.keep[4]] == [n // 4 for n in batch.n_visual]
+    assert method.schedule(SampleShape(n_text=10, n_visual=16, text_after=6), 6).keep == {2: 8, 4: 4}
+    # a 3-layer model: the default stages (0.25, 0.5, 0.75) land on layers 1, 2, 2
+    default = vlmprune.PDrop(keep=0.25)
+    assert default.schedule(SampleShape(n_text=10, n_visual=144, text_after=6), 3).keep == {1: 72, 2: 36}
+    assert default.stage_ratio(3) == pytest.approx(0.25 ** (1 / 2))
+    assert default.stage_ratio(8) == pytest.approx(0.25 ** (1 / 3))  # layers 2, 4, 6: three stages
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])

@@ -16,9 +16,10 @@ class PDrop:
     """The decoder is split into stages at fractions `stages` of its depth; at each stage boundary the
     visual tokens are ranked by the last instruction token's attention in the layer before it and a
     share `ratio` (lambda) of the present ones is kept. Without `ratio`, lambda is chosen so that the
-    final share equals `keep` (lambda = keep ** (1 / n_stages)).
+    final share equals `keep`: lambda = keep ** (1 / n_stages), n_stages counting the distinct layers
+    the stages land on in this model (`stage_layers`: fractions that round to one layer are one stage).
 
-        pm(**inputs, prune=vlmprune.PDrop(keep=0.125))  # lambda = 0.5 over three stages
+        pm(**inputs, prune=vlmprune.PDrop(keep=0.125))  # lambda = 0.5 over three stages (4+ layers)
     """
 
     keep: float = 0.125
@@ -30,18 +31,20 @@ class PDrop:
         if self.ratio is not None:
             check_keep(float(self.ratio), "ratio")
 
-    @property
-    def lam(self) -> float:
-        return self.ratio if self.ratio is not None else self.keep ** (1 / len(self.stages))
+    def stage_ratio(self, n_layers: int) -> float:
+        """lambda on a model of `n_layers`: `ratio`, else keep ** (1 / the number of distinct stage layers)."""
+        if self.ratio is not None:
+            return self.ratio
+        return self.keep ** (1 / len(stage_layers(self.stages, n_layers)))
 
     def decide(self, pm, prep):
-        return Plan(), [_Stages(stage_layers(self.stages, pm.n_layers), self.lam)]
+        return Plan(), [_Stages(stage_layers(self.stages, pm.n_layers), self.stage_ratio(pm.n_layers))]
 
     def schedule(self, sample, n_layers: int) -> Schedule:
         """At each stage a share lambda of the present tokens; one query row scored in the layer before."""
-        keep, present = {}, sample.n_visual
+        keep, present, lam = {}, sample.n_visual, float(self.stage_ratio(n_layers))
         for layer in stage_layers(self.stages, n_layers):
-            keep[layer] = present = keep_count(float(self.lam), present)
+            keep[layer] = present = keep_count(lam, present)
         return Schedule(keep=keep, score_rows={layer - 1: 1 for layer in keep})
 
 
