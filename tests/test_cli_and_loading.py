@@ -46,6 +46,20 @@ def test_generate_prints_answer_and_stats(checkpoint, image, capsys):
     assert "layers run 7/8" in out and "visual tokens in -> out 144 -> 36" in out
 
 
+def test_skip_keeps_the_plans_merge_and_overhead(tmp_path):
+    from vlmprune.prompting import parse_plan
+
+    keep = [[0, 2, 5], [1, 3, 4]]
+    merge = [[0, 0, 2, 2, -1, 5], [1, 1, 3, 3, 4, -1]]  # each kept token maps to itself
+    data = {"keep": {"2": keep}, "skip": [1], "merge": {"2": merge}, "overhead": [1000.0, 2000.0]}
+    expected = vlmprune.Plan.from_dict({**data, "skip": [1, 5, 6]})  # the plan itself, skips joined
+    (tmp_path / "plan.json").write_text(json.dumps(data))
+    for text in (json.dumps(data), str(tmp_path / "plan.json")):
+        plan = parse_plan(text, "6,5")
+        assert plan == expected and plan.to_dict()["merge"] == {"2": merge} and plan.overhead == (1000.0, 2000.0)
+    assert parse_plan(json.dumps(data), None) == vlmprune.Plan.from_dict(data)
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

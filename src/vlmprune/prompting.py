@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ def build_inputs(pm: PrunedModel, prompt: str, image: Any = None) -> dict[str, t
 
 
 def parse_plan(text: str | None, skip: str | None = None) -> Plan | None:
-    """A Plan from JSON text or a JSON file path, plus an optional comma-separated skip list."""
+    """A Plan from JSON text or a JSON file path, plus an optional comma-separated skip list (joined to
+    the plan's own skips; its keep, merge and overhead are unchanged)."""
     plan = None
     if text:
         source = Path(text)
@@ -51,7 +53,8 @@ def parse_plan(text: str | None, skip: str | None = None) -> Plan | None:
             raise VlmpruneError(f"--skip takes comma-separated layer indices, got {skip!r}") from err
         if plan is not None and isinstance(plan.skip, tuple):
             raise VlmpruneError("--skip cannot be combined with a plan whose skip lists are per sample")
-        plan = Plan(keep=plan.keep if plan else {}, skip=sorted(set(layers) | set(plan.skip if plan else ())))
+        skipped = sorted(set(layers) | set(plan.skip if plan else ()))
+        plan = replace(plan, skip=skipped) if plan else Plan(skip=skipped)  # keep, merge and overhead stay
     return plan
 
 
