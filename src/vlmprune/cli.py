@@ -21,72 +21,26 @@ def _keep(text: str | None) -> float | int | None:
 
 def _decision(args: argparse.Namespace, pm=None):
     """The --plan/--skip plan, or the --method decision (calibrating ShortGPT when asked for)."""
+    from .decisions import build_decision, calibration_inputs
     from .prompting import parse_plan
 
     if args.method and args.plan:
         raise VlmpruneError("give either --method or --plan, not both")
-    if getattr(args, "flops", None) is not None and not args.method:
+    flops = getattr(args, "flops", None)
+    if flops is not None and not args.method:
         raise VlmpruneError("--flops sets a method's budget; name the method with --method")
     if not args.method:
         return parse_plan(args.plan, args.skip)
-    from .methods.registry import configure
-
     options = dict(keep=_keep(args.keep), layer=args.layer, keep_layers=args.keep_layers, seed=args.seed,
                    router=args.router, layers=args.layers)
-    flops = getattr(args, "flops", None)
-    if flops is not None:
-        options.update(_flops_placeholder(args))
-    method = configure(args.method, **options)
     if pm is None:
-        return _at_flops(method, flops)
-    methods = method if isinstance(method, list) else [method]
-    methods = [m.calibrate(pm, _calibration_batches(pm, args)) if hasattr(m, "calibrate") else m for m in methods]
-    methods = [_at_flops(m, flops) for m in methods]
+        return build_decision(args.method, options, flops)
+    methods = build_decision(args.method, options, flops, pm, calibration=lambda pm: calibration_inputs(
+        pm, args.calib, getattr(args, "calib_data", None), _read_options(args)))
+    methods = methods if isinstance(methods, list) else [methods]
     skip = parse_plan(None, args.skip)
     decisions = methods + ([skip] if skip else [])
     return decisions[0] if len(decisions) == 1 else decisions
-
-
-def _flops_placeholder(args: argparse.Namespace) -> dict:
-    """--flops picks the one method's budget: refuse a given budget, fill its field with a valid placeholder."""
-    from .methods.budget import PLACEHOLDERS, budget_field
-    from .methods.registry import METHODS
-
-    names = [n.strip() for n in args.method.split(",") if n.strip()]
-    if len(names) != 1:
-        raise VlmpruneError("--flops sets the budget of one method; give a single --method")
-    if args.keep is not None or args.keep_layers is not None:
-        raise VlmpruneError("--flops chooses the budget itself; leave out --keep / --keep-layers")
-    if names[0] not in METHODS:
-        return {}  # configure names the known methods
-    knob = budget_field(METHODS[names[0]])
-    return {knob: PLACEHOLDERS[knob]}
-
-
-def _at_flops(method, share: float | None):
-    from .methods.budget import AtFlops
-
-    return method if share is None else AtFlops(method, share)
-
-
-def _calibration_batches(pm, args: argparse.Namespace) -> list[dict]:
-    """Calibration inputs (ShortGPT): `--calib` rows of --calib-data, or FashionScenes training scenes
-    (never the evaluation split) for the testbed; any other model must be given --calib-data."""
-    from .data import example_batches, image_channels, take
-    from .testbed.recipe import is_recipe
-
-    source = getattr(args, "calib_data", None)
-    if source and source != "testbed":
-        examples = take(_read_data(args, source), args.calib, "--calib", source)
-        return example_batches(pm.processor, examples, 16, image_channels(pm.config), with_answer=True)
-    if not is_recipe(pm.config, pm.processor):
-        raise VlmpruneError("this method calibrates on data: pass --calib-data FILE (JSONL rows {\"image\": PATH, "
-                            "\"prompt\": TEXT}, a folder of images with --prompt, a .parquet file or hf:NAME); "
-                            "FashionScenes is the default only for the testbed")
-    from .testbed import data
-    from .testbed.encode import encode_batches
-
-    return encode_batches(data.generate(args.calib, "train", seed=12345), pm.processor.tokenizer)
 
 
 def _add_data_args(parser: argparse.ArgumentParser, what: str, folder_prompt: bool = True) -> None:
@@ -103,8 +57,9 @@ def _add_data_args(parser: argparse.ArgumentParser, what: str, folder_prompt: bo
 
 
 def _read_options(args: argparse.Namespace) -> dict:
-    return dict(prompt=getattr(args, "data_prompt", None), image_column=args.image_column, prompt_column=args.prompt_column,
-                answer_column=args.answer_column, split=args.split)
+    return dict(prompt=getattr(args, "data_prompt", None), image_column=getattr(args, "image_column", "image"),
+                prompt_column=getattr(args, "prompt_column", "prompt"), answer_column=getattr(args, "answer_column", "answer"),
+                split=getattr(args, "split", "train"))
 
 
 def _read_data(args: argparse.Namespace, source: str):
@@ -324,6 +279,12 @@ def _cmd_prune_weights(args: argparse.Namespace) -> None:
     print(f"pruned checkpoint: {out} (report: sparsity.json)")
 
 
+def _cmd_lmms_eval(args: argparse.Namespace) -> None:
+    from .integrations.lmms.cli import run_lmms_eval
+
+    run_lmms_eval(args.lmms_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -446,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_args(rt)
     rt.set_defaults(func=_cmd_router_train)
 
+    lmms = sub.add_parser("lmms-eval", help="run lmms-eval with the vlmprune model and the offline FashionScenes tasks; "
+                          "every argument goes to lmms-eval unchanged", add_help=False)
+    lmms.add_argument("lmms_args", nargs=argparse.REMAINDER, help="lmms-eval's own arguments, e.g. --model vlmprune "
+                      "--model_args pretrained=testbed,method=fastv,keep=0.25 --tasks fashionscenes --output_path DIR")
+    lmms.set_defaults(func=_cmd_lmms_eval)
+
     demo = sub.add_parser("demo", help="run the main job on the embedded default and print a table")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--limit", type=int, default=300, help="evaluation questions to use")
@@ -462,7 +429,11 @@ def _quiet_transformers() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lmms-eval"] and argv[1:2] not in (["-h"], ["--help"]):  # lmms-eval parses its own options
+        args = argparse.Namespace(func=_cmd_lmms_eval, lmms_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     _quiet_transformers()
     try:
         args.func(args)

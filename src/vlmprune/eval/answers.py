@@ -20,8 +20,7 @@ from tqdm.auto import tqdm
 
 from ..data import Example, encode_examples, image_channels
 from ..pruned_model import PrunedModel
-from .flops import INPUT_KEYS
-from .flops import flops as price
+from .accounting import RunTotals
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
 PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
@@ -117,8 +116,7 @@ def evaluate_answers(
     if len(reference) != len(batches):
         raise ValueError("reference was computed with another batch size or dataset")
     records: list[dict] = []
-    totals = dict(vis_in=0.0, vis_kept=0.0, layers=0.0, lm=0.0, total=0.0, cost=0.0, full=0.0, kv=0.0, prefill=0.0,
-                  decode=0.0, steps=0)
+    totals = RunTotals()
     for batch, ref in tqdm(list(zip(batches, reference)), desc="eval", disable=not progress, leave=False):
         inputs = _inputs(pm, batch)
         res = pm.generate(**inputs, prune=prune, max_new_tokens=max_new_tokens, return_dict=True)
@@ -128,19 +126,7 @@ def evaluate_answers(
             correct = None if ex.answer is None else normalize_answer(own) == normalize_answer(ex.answer)
             records.append(dict(origin=ex.origin, prompt=ex.prompt, answer=own, full_answer=full, reference=ex.answer,
                                 agrees=own == full, correct=correct, kl=k))
-        st = res.stats
-        report = price(pm, st, **{k: v for k, v in inputs.items() if k in INPUT_KEYS})
-        totals["vis_in"] += float(st.input_visual.sum())
-        totals["vis_kept"] += float(st.visual_tokens[:, -1].sum())
-        totals["layers"] += float(st.layers_run.sum())
-        totals["lm"] += float((report.lm_prefill + report.lm_head).sum())
-        totals["total"] += float(report.total.sum())
-        totals["cost"] += float((report.lm_prefill + report.scoring).sum())
-        totals["full"] += float(report.lm_prefill_full.sum())
-        totals["kv"] += float(st.kv_bytes)
-        totals["prefill"] += res.prefill_seconds
-        totals["decode"] += res.decode_seconds
-        totals["steps"] += res.decode_steps
+        totals.add(pm, res.stats, inputs, res.prefill_seconds, res.decode_seconds, res.decode_steps)
     n = len(records)
     answered = [r["correct"] for r in records if r["correct"] is not None]
     return AnswersResult(
@@ -149,15 +135,7 @@ def evaluate_answers(
         mean_kl=sum(r["kl"] for r in records) / n,
         accuracy=sum(answered) / len(answered) if answered else None,
         n_answers=len(answered),
-        visual_tokens_in=totals["vis_in"] / n,
-        visual_tokens_kept=totals["vis_kept"] / n,
-        layers_run=totals["layers"] / n,
-        lm_tflops=totals["lm"] / n / 1e12,
-        tflops=totals["total"] / n / 1e12,
-        lm_share=totals["cost"] / totals["full"] if totals["full"] else 1.0,
-        kv_bytes=totals["kv"] / n,
-        prefill_ms_per_sample=totals["prefill"] / n * 1e3,
-        decode_ms_per_token=totals["decode"] / max(totals["steps"], 1) * 1e3,
+        **totals.means(),
         samples=records,
     )
 
