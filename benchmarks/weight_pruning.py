@@ -8,11 +8,13 @@
   first `--calib` x 128 tokens (disjoint; checked).
 * testbed: accuracy on the 2000-question evaluation set; calibration on FashionScenes training scenes.
 
-Every method starts from the same dense weights. The targets checked at the end: ECoFLaP(zeroth)+Wanda
-beats uniform Wanda at 60% and 70%, and its whole run (scores, allocation, Wanda pass) takes at most
-twice uniform Wanda's. N:M fixes every layer at 1 - N/M, so the allocation methods have nothing to
+Every method starts from the same dense weights; ECoFLaP and OWL with `WeightPruneConfig`'s defaults
+(ECoFLaP as released: per-matrix zeroth order with |g|, per-sample first order, the released
+allocation; OWL lambda 0.08, M 5), plus the earlier block-joint |w|-weighted zeroth order as its own row.
+The targets checked at the end: ECoFLaP(zeroth)+Wanda beats uniform Wanda at 60% and 70%, and its whole
+run (scores, allocation, Wanda pass) takes at most twice uniform Wanda's. N:M fixes every layer at 1 - N/M, so the allocation methods have nothing to
 allocate there; the 2:4 column has the local pruners only. Resumable: rows already in the JSON (same
-settings) are kept; results go to benchmarks/results/weight_pruning_<model>.json.
+settings and defaults) are kept; results go to benchmarks/results/weight_pruning_<model>.json.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 
 from vlmprune.files import write_json
-from vlmprune.weights import prune_weights
+from vlmprune.weights import WeightPruneConfig, prune_weights
 
 METHODS = {
     "magnitude": dict(method="uniform", local="magnitude"),
@@ -34,6 +36,7 @@ METHODS = {
     "sparsegpt": dict(method="uniform", local="sparsegpt"),
     "owl + wanda": dict(method="owl", local="wanda"),
     "ecoflap zeroth + wanda": dict(method="ecoflap", local="wanda", order="zeroth"),
+    "ecoflap zeroth block |w| + wanda": dict(method="ecoflap", local="wanda", order="zeroth", zeroth_mode="block", score="grad-weight"),
     "ecoflap first + wanda": dict(method="ecoflap", local="wanda", order="first"),
     "ecoflap zeroth + sparsegpt": dict(method="ecoflap", local="sparsegpt", order="zeroth"),
 }
@@ -94,8 +97,15 @@ def _settings(args) -> list[str]:
     return [f"{float(s):g}" for s in args.sparsities.split(",") if s] + ([args.nm] if args.nm else [])
 
 
+def _defaults() -> dict:
+    """The allocation defaults every row runs with: a grid recorded under other defaults starts afresh."""
+    cfg = WeightPruneConfig()
+    return dict(allocation=cfg.allocation, zeroth_mode=cfg.zeroth_mode, cap=cfg.cap, owl_lambda=cfg.owl_lambda,
+                owl_m=cfg.owl_m, first_order="per-sample")
+
+
 def run_grid(task, settings: list[str], methods: list[str], path: Path, seed: int) -> dict:
-    meta = dict(model=task.name, metric=task.metric, seed=seed, **task.settings)
+    meta = dict(model=task.name, metric=task.metric, seed=seed, **task.settings, defaults=_defaults())
     result = json.loads(path.read_text()) if path.exists() else {}
     if result.get("meta") != meta:
         result = dict(meta=meta, rows={})
@@ -119,6 +129,7 @@ def run_grid(task, settings: list[str], methods: list[str], path: Path, seed: in
                 allocation_seconds=report.allocation_seconds, peak_memory_bytes=report.peak_memory_bytes,
                 overall_sparsity=report.overall, score_samples=report.score_samples, score_directions=report.score_directions,
                 allocated_range=[min(report.allocated.values()), max(report.allocated.values())],
+                units=report.units,
             )
             write_json(path, result)
             print(f"{key}: {task.metric} {quality:.4g}, {report.seconds:.1f} s "
@@ -158,6 +169,42 @@ def targets(result: dict, higher_is_better: bool) -> list[str]:
     return out
 
 
+def _ranks(values: list[float]) -> list[float]:
+    """Ranks from 0, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the ranks."""
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    norm = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return cov / norm if norm else float("nan")
+
+
+def score_correlations(result: dict) -> list[str]:
+    """Each zeroth-order row's block scores against the first-order ones (Spearman), per setting."""
+    rows, out = result["rows"], []
+    for key, row in rows.items():
+        first = rows.get(f"ecoflap first + wanda @ {row['setting']}")
+        if "zeroth" not in row["method"] or not first or not row.get("units") or not first.get("units"):
+            continue
+        rho = spearman([u["score"] for u in row["units"]], [u["score"] for u in first["units"]])
+        out.append(f"{key}: block scores vs first order, Spearman {rho:.3f}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("smollm2", "testbed"), default="smollm2")
@@ -184,7 +231,7 @@ def main() -> None:
     settings = _settings(args)
     result = run_grid(task, settings, methods, path, args.seed)
     print(table(result, settings, methods))
-    for line in targets(result, task.higher_is_better):
+    for line in targets(result, task.higher_is_better) + score_correlations(result):
         print(line)
 
 
