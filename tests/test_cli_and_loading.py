@@ -117,6 +117,42 @@ def test_console_entry_point_exits_2_without_traceback(checkpoint):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "does not exist" in proc.stderr
 
 
+def test_an_rgb_image_of_another_size_is_converted_for_the_testbed(tmp_path, capsys):
+    """The shipped 1-channel testbed, given a colour photo of another size: converted to greyscale with
+    the once-per-process notice, and the processor's resize and crop do the rest."""
+    from vlmprune.data import images
+    from vlmprune.prompting import build_inputs, generate_answer
+
+    pm = vlmprune.load("testbed")
+    photo = Image.fromarray(np.random.default_rng(1).integers(0, 256, (120, 100, 3), dtype="uint8"))
+    images._noticed.clear()
+    inputs = build_inputs(pm, PROMPT, photo)
+    assert "greyscale" in capsys.readouterr().err
+    reference = pm.processor(text=PROMPT, images=photo.convert("L"), return_tensors="pt")  # grey by hand
+    assert inputs["pixel_values"].shape == (1, 1, 84, 84)
+    assert torch.equal(inputs["pixel_values"], reference["pixel_values"])
+    assert torch.equal(inputs["input_ids"], reference["input_ids"])
+    answer, _ = generate_answer(pm, PROMPT, photo, max_new_tokens=1)
+    assert answer and "greyscale" not in capsys.readouterr().err  # once per process
+    with pytest.raises(vlmprune.VlmpruneError, match="mode 'I;16'"):  # what cannot be converted: one clear line
+        build_inputs(pm, PROMPT, Image.new("I;16", (90, 90)))
+
+    path = tmp_path / "photo.png"
+    photo.save(path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlmprune.cli", "generate", "--model", "testbed", "--image", str(path), "--prompt", PROMPT,
+         "--max-new-tokens", "1"], capture_output=True, text=True,
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("greyscale") == 1 and "layers run" in proc.stdout
+    Image.new("I;16", (90, 90)).save(tmp_path / "deep.png")
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlmprune.cli", "generate", "--model", "testbed", "--image", str(tmp_path / "deep.png"),
+         "--prompt", PROMPT], capture_output=True, text=True,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 def test_corrupt_checkpoint_and_unsupported_model(checkpoint, tmp_path, monkeypatch):
     bad = tmp_path / "bad"
     shutil.copytree(checkpoint, bad)

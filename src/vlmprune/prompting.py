@@ -9,14 +9,16 @@ from typing import Any
 
 import torch
 
-from .data.images import read_image  # noqa: F401  (the CLI's --image reader)
+from .data.batches import image_channels
+from .data.images import conform_image, read_image  # noqa: F401  (read_image: the CLI's --image reader)
 from .engine.plan import Plan
 from .errors import VlmpruneError
 from .pruned_model import GenerationResult, PrunedModel
 
 
 def build_inputs(pm: PrunedModel, prompt: str, image: Any = None) -> dict[str, torch.Tensor]:
-    """Tokenise `prompt` (with the processor's image placeholder where the image goes) and process `image`."""
+    """Tokenise `prompt` (with the processor's image placeholder where the image goes) and process `image`
+    (a PIL image or uint8 array, first converted to the channels the model's vision tower takes)."""
     proc = pm.processor
     if proc is None:
         raise VlmpruneError("this checkpoint has no processor files; save one with processor.save_pretrained(DIR)")
@@ -29,8 +31,14 @@ def build_inputs(pm: PrunedModel, prompt: str, image: Any = None) -> dict[str, t
         )
     if image is None and has_slot:
         raise VlmpruneError(f"the prompt has an image placeholder {placeholder!r} but no image was given (--image FILE)")
-    kwargs = {"images": image} if image is not None else {}
-    inputs = proc(text=prompt, return_tensors="pt", **kwargs)
+    # the image in the mode the vision tower takes (an RGB photo becomes greyscale for the 1-channel
+    # testbed, with a one-time notice); the processor then resizes and crops it
+    kwargs = {"images": conform_image(image, image_channels(pm.config))} if image is not None else {}
+    try:
+        inputs = proc(text=prompt, return_tensors="pt", **kwargs)
+    except Exception as err:  # one clear line, not a traceback from inside transformers
+        raise VlmpruneError(f"the model's processor cannot take this image and prompt: {str(err).splitlines()[0]}; "
+                            "pass an 8-bit RGB or greyscale PNG/JPEG image") from err
     return {k: v for k, v in inputs.items() if k != "token_type_ids"}
 
 
