@@ -18,6 +18,8 @@ LM head: ``rows * d * vocab`` for the rows that reach it. Scoring overhead of in
 PDrop, SparseVLM read attention rows of layer i from its cache): per query row one q projection
 ``d * H*hd`` plus one row of scores ``keys * H*hd`` against the layer's keys. A method that computes
 before the LLM (PAR's router) states its multiply-adds in ``Plan.overhead``; they count as scoring.
+Vision-side methods (VisPruner, HoloV) state there the vision scores they read (`vision_score_macs`:
+one q/k projection of one tower layer and its score rows) and their own similarity products.
 
 Vision tower, as transformers runs it (every layer, whatever ``vision_feature_layer`` selects)::
 
@@ -284,28 +286,65 @@ def _qwen_images(config, n_visual, pixel_values, image_sizes, image_grid_thw) ->
 VISION_PRICERS = {"llava": _llava_images, "llava_next": _llava_next_images, "qwen2_vl": _qwen_images, "qwen2_5_vl": _qwen_images}
 
 
+def _by_sample(images: list[tuple], n_visual: Sequence[int]) -> torch.Tensor:
+    """``[B, k]`` the sums over each sample's images of ``(tokens, *k costs)`` rows: images are assigned
+    to samples in order, by the visual tokens each gives the LLM."""
+    width = len(images[0]) - 1 if images else 0
+    out = torch.zeros(len(n_visual), width, dtype=torch.float64)
+    it = iter(images)
+    for b, n in enumerate(n_visual):
+        taken = 0
+        while taken < n:
+            image = next(it, None)
+            if image is None:
+                raise VlmpruneError(f"the image inputs run out before sample {b}'s {n} visual tokens")
+            taken += image[0]
+            out[b] += torch.tensor(image[1:], dtype=torch.float64)
+        if taken != n:
+            raise VlmpruneError(f"the image inputs give sample {b} {taken} visual tokens but its prompt has {n}")
+    if next(it, None) is not None:
+        raise VlmpruneError("the image inputs hold more images than the prompts' image placeholders")
+    return out
+
+
 def vision_macs(config, n_visual: Sequence[int], pixel_values=None, image_sizes=None, image_grid_thw=None):
     """``[B]`` MACs of the vision tower and of the projector for each sample's images.
 
     Images are assigned to samples in order, by the visual tokens each gives the LLM."""
     images = VISION_PRICERS[config.model_type](config, list(n_visual), pixel_values, image_sizes, image_grid_thw)
-    tower = torch.zeros(len(n_visual), dtype=torch.float64)
-    projector = torch.zeros_like(tower)
-    it = iter(images)
-    for b, n in enumerate(n_visual):
-        taken = 0
-        while taken < n:
-            tokens, t_macs, p_macs = next(it, (None, 0, 0))
-            if tokens is None:
-                raise VlmpruneError(f"the image inputs run out before sample {b}'s {n} visual tokens")
-            taken += tokens
-            tower[b] += t_macs
-            projector[b] += p_macs
-        if taken != n:
-            raise VlmpruneError(f"the image inputs give sample {b} {taken} visual tokens but its prompt has {n}")
-    if next(it, None) is not None:
-        raise VlmpruneError("the image inputs hold more images than the prompts' image placeholders")
-    return tower, projector
+    costs = _by_sample(images, n_visual)
+    if not images:
+        return costs.new_zeros(len(n_visual)), costs.new_zeros(len(n_visual))
+    return costs[:, 0].clone(), costs[:, 1].clone()
+
+
+def vision_score_macs(config, n_visual: Sequence[int], pixel_values=None, image_sizes=None, image_grid_thw=None):
+    """``[B]`` MACs that ``PreparedInputs.vision_scores()`` spends on each sample's images (the adapters'
+    ``_cls_scores`` / ``_received_scores``), for methods that state them in ``Plan.overhead``::
+
+        CLIP (LLaVA-1.5, LLaVA-NeXT), per tile of N = P + 1 tokens, width c, in the scored layer:
+            keys N*c^2 + the CLS query c^2 + its score row N*c
+        Qwen2-VL / Qwen2.5-VL, per image of P patches, width c, in the last vision block:
+            q, k, v 3*P*c^2 + every query against every key of its attention segment c*sum(segment^2)
+            (the frame, or Qwen2.5-VL's windows when the last block is not a full-attention block)
+    """
+    images = VISION_PRICERS[config.model_type](config, list(n_visual), pixel_values, image_sizes, image_grid_thw)
+    vc = config.vision_config
+    if config.model_type.startswith("llava"):
+        n, c = (vc.image_size // vc.patch_size) ** 2 + 1, vc.hidden_size
+        per_tile = n * c * c + c * c + n * c
+        _, clip_tower, _ = _clip_image(config)
+        rows = [(tokens, tower // clip_tower * per_tile) for tokens, tower, _ in images]  # tower = tiles * clip_tower
+    else:
+        qwen25 = config.model_type == "qwen2_5_vl"
+        c = vc.hidden_size if qwen25 else vc.embed_dim
+        full = not qwen25 or (vc.depth - 1) in vc.fullatt_block_indexes
+        rows = []
+        for (tokens, _, _), (t, h, w) in zip(images, torch.as_tensor(image_grid_thw).tolist() if images else []):
+            segments = [h * w] * t if full else [s for _ in range(t) for s in _window_sizes(vc, h, w)]
+            rows.append((tokens, 3 * t * h * w * c * c + c * sum(s * s for s in segments)))
+    costs = _by_sample(rows, n_visual)
+    return costs[:, 0].clone() if rows else costs.new_zeros(len(n_visual))
 
 
 # ---------------------------------------------------------------------------------------- the report

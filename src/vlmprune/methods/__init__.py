@@ -16,5 +16,6 @@ from .token.random import Random
 from .token.sparsevlm import SparseVLM
 from .token.stratified_random import StratifiedRandom
 from .token.visionzip import VisionZip
+from .token.vispruner import VisPruner
 
-__all__ = ["METHODS", "AtFlops", "Compose", "FastV", "PAR", "PARLayers", "PARTokens", "PDrop", "Pool", "Random", "RandomLayers", "ShortGPT", "SparseVLM", "StratifiedRandom", "VisionZip", "block_influence", "build_method", "register_method"]
+__all__ = ["METHODS", "AtFlops", "Compose", "FastV", "PAR", "PARLayers", "PARTokens", "PDrop", "Pool", "Random", "RandomLayers", "ShortGPT", "SparseVLM", "StratifiedRandom", "VisPruner", "VisionZip", "block_influence", "build_method", "register_method"]

@@ -142,16 +142,22 @@ class VisionScores:
     * ``keys [n, d] float32``: that layer's keys for the token, mean over heads (Qwen: before the
       rotary embedding, averaged over the merged patches).
     * ``patch [n] bool``: False for tokens with no patch in the tower (LLaVA-NeXT's image-newline
-      tokens); their dominance and keys are 0.
+      tokens); their dominance, keys and features are 0.
+    * ``features [n, f] float32``: the tower's features of the token as its projector takes them (a
+      recorded reference, nothing recomputed). LLaVA / LLaVA-NeXT: the input of ``multi_modal_projector``
+      (the hidden state ``vision_feature_layer`` selects; several layers concatenated). Qwen2-VL /
+      Qwen2.5-VL: the input of the merger, the ``spatial_merge_size**2`` patches of the token
+      concatenated as the merger takes them (before its norm).
     """
 
     dominance: list[torch.Tensor]
     keys: list[torch.Tensor]
     patch: list[torch.Tensor]
+    features: list[torch.Tensor]
 
 
-# per visual token of the whole batch, in order: (dominance [N], keys [N, d], patch [N] bool)
-VisionRecord = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# per visual token of the whole batch, in order: (dominance [N], keys [N, d], patch [N] bool, features [N, f])
+VisionRecord = Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -171,17 +177,21 @@ class PreparedInputs:
     visual_grids: list | None = None  # per sample (rows, cols) of its visual tokens, or None if not one grid
     # the vision pass's record of one tower layer's input; `vision_scores()` computes from it on demand
     vision_record: VisionRecord | None = field(default=None, repr=False)
+    # the image inputs `prepare` was given (pixel_values and image_sizes / image_grid_thw; references):
+    # the geometry that prices the vision side (`eval.flops.vision_score_macs`)
+    image_inputs: dict = field(default_factory=dict, repr=False)
 
     @property
     def n_visual(self) -> list[int]:
         return self.visual_mask.sum(1).tolist()
 
     def vision_scores(self) -> VisionScores:
-        """Per visual token, the vision tower's attention and keys (see `VisionScores`).
+        """Per visual token, the vision tower's attention, keys and features (see `VisionScores`).
 
         Computed when called, from the input of one tower layer that `prepare`'s vision pass recorded
         (a reference, no copy): one q/k projection of that layer, no second vision pass, and the tower
-        keeps its attention implementation. Each call computes afresh.
+        keeps its attention implementation. Each call computes afresh; its multiply-adds per sample are
+        `eval.flops.vision_score_macs` (a method that calls it states them in ``Plan.overhead``).
         """
         counts = self.n_visual
         if self.vision_record is None:
@@ -190,13 +200,15 @@ class PreparedInputs:
                     "these inputs carry no record of the vision pass; build them with the adapter's prepare"
                 )
             empty = [torch.zeros(0) for _ in counts]
-            return VisionScores(empty, [torch.zeros(0, 0) for _ in counts], [e.bool() for e in empty])
-        dominance, keys, patch = self.vision_record()
+            return VisionScores(empty, [torch.zeros(0, 0) for _ in counts], [e.bool() for e in empty],
+                                [torch.zeros(0, 0) for _ in counts])
+        dominance, keys, patch, features = self.vision_record()
         if dominance.shape[0] != sum(counts):
             raise VlmpruneError(
                 f"the vision record has {dominance.shape[0]} tokens but the prompt has {sum(counts)} image placeholders"
             )
-        return VisionScores(list(dominance.split(counts)), list(keys.split(counts)), list(patch.split(counts)))
+        return VisionScores(list(dominance.split(counts)), list(keys.split(counts)), list(patch.split(counts)),
+                            list(features.split(counts)))
 
     @property
     def next_position(self) -> torch.Tensor:

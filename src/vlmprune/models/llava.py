@@ -6,7 +6,8 @@ varies per image. Positions are 1-D RoPE from the attention mask.
 
 Vision scores (`PreparedInputs.vision_scores`): the vision pass records the input of the CLIP layer
 that produces the features ``vision_feature_layer`` selects (for a list of layers, the last listed);
-on demand the CLS query row and all keys are projected from it. Per-patch values reach the visual-token
+on demand the CLS query row and all keys are projected from it; the projector's input (the selected
+features, before the projector) is recorded too. Per-patch values reach the visual-token
 order through the model's own layout (LLaVA-NeXT: ``pack_image_features``, tiles + unpadding +
 newlines), so nothing about the layout is re-implemented here.
 """
@@ -48,15 +49,16 @@ class LlavaAdapter(Adapter):
             tower = self.model.model.vision_tower
             layer_idx, why_not = self._scored_layer()
             recording = self._recording_input(tower.encoder.layers[layer_idx]) if why_not is None else nullcontext({})
-            with recording as seen:
+            with recording as seen, self._recording_input(self.model.model.multi_modal_projector) as projected:
                 out = self.model.model.get_image_features(
                     pixel_values=pixel_values.to(tower.dtype), return_dict=True, **kwargs
                 )
             features = torch.cat(list(out.pooler_output), dim=0)
-            record = lambda: self._cls_scores(layer_idx, why_not, seen, image_sizes)
+            record = lambda: self._cls_scores(layer_idx, why_not, seen, projected, image_sizes)
         embeds = self._scatter_visual(embeds, visual, features)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[None]  # (1, B, L)
-        return PreparedInputs(input_ids, embeds, positions, mask, visual, self._grids(visual), record)
+        images = {k: v for k, v in dict(pixel_values=pixel_values, image_sizes=image_sizes).items() if v is not None}
+        return PreparedInputs(input_ids, embeds, positions, mask, visual, self._grids(visual), record, images)
 
     # ------------------------------------------------------------------ vision scores
     def _scored_layer(self) -> tuple[int, str | None]:
@@ -73,9 +75,10 @@ class LlavaAdapter(Adapter):
         return hidden_idx - 1, None
 
     @torch.no_grad()
-    def _cls_scores(self, layer_idx: int, why_not: str | None, seen: dict, image_sizes: torch.Tensor | None):
-        """(dominance [N], keys [N, d], patch [N]) over the batch's visual tokens, from the recorded
-        input ``[tiles, 1 + P, D]`` of CLIP layer `layer_idx`."""
+    def _cls_scores(self, layer_idx: int, why_not: str | None, seen: dict, projected: dict, image_sizes: torch.Tensor | None):
+        """(dominance [N], keys [N, d], patch [N], features [N, f]) over the batch's visual tokens, from the
+        recorded input ``[tiles, 1 + P, D]`` of CLIP layer `layer_idx` and the projector's input
+        ``[tiles, P (+1 with the "full" strategy), f]``."""
         if why_not is not None:
             raise VlmpruneError(why_not)
         hidden_in = seen["args"][0] if seen["args"] else seen["kwargs"]["hidden_states"]
@@ -95,6 +98,9 @@ class LlavaAdapter(Adapter):
         values = torch.cat([torch.ones_like(dominance)[..., None], dominance[..., None], keys], dim=-1)
         if self.config.vision_feature_select_strategy == "default":  # "full" passes CLS on, scored by itself
             values = values[:, 1:]
+        # the projector's input rows are the selected tokens, in the same (tile, token) order
+        selected = projected["args"][0] if projected["args"] else next(iter(projected["kwargs"].values()))
+        values = torch.cat([values, selected.to(values.device).float()], dim=-1)
         if self.config.model_type == "llava":
             per_token = values.reshape(-1, values.shape[-1])
         else:
@@ -109,7 +115,8 @@ class LlavaAdapter(Adapter):
                 image_newline=values.new_zeros(values.shape[-1]),
             )
             per_token = torch.cat(packed, dim=0)
-        return per_token[:, 1], per_token[:, 2:], per_token[:, 0] > 0
+        width = keys.shape[-1]
+        return per_token[:, 1], per_token[:, 2 : 2 + width], per_token[:, 0] > 0, per_token[:, 2 + width :]
 
     def _grids(self, visual: torch.Tensor) -> list:
         """LLaVA-1.5's visual tokens form one square grid per image; LLaVA-NeXT's tiles do not."""

@@ -9,7 +9,8 @@ its attention segment: the image, or the window if that block is windowed). The 
 the block's input and its segments and rotary tables; on demand q and k are projected from it and the
 attention columns are summed in chunks of query rows. Keys are taken before the rotary embedding (so
 similarity compares content, not position). The ``spatial_merge_size**2`` patches merged into one
-LLM token (consecutive rows in the tower) give the token the mean of their scores and keys;
+LLM token (consecutive rows in the tower) give the token the mean of their scores and keys, and their
+merger inputs concatenated as its features;
 Qwen2.5-VL's window order is undone with the tower's own window index.
 """
 
@@ -59,10 +60,11 @@ class Qwen2VLAdapter(Adapter):
         if pixel_values is not None:
             if image_grid_thw is None:
                 raise VlmpruneError("Qwen2-VL needs image_grid_thw (the processor returns it with pixel_values)")
-            with self._recording_input(self.model.model.visual.blocks[-1]) as seen:
+            visual_model = self.model.model.visual
+            with self._recording_input(visual_model.blocks[-1]) as seen, self._recording_input(visual_model.merger) as merged:
                 out = self.model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
             features = torch.cat(list(out.pooler_output), dim=0)
-            record = lambda: self._received_scores(seen, image_grid_thw)
+            record = lambda: self._received_scores(seen, merged, image_grid_thw)
         embeds = self._scatter_visual(embeds, visual, features)
         if image_grid_thw is not None:
             positions, _ = self.model.model.get_rope_index(
@@ -70,12 +72,14 @@ class Qwen2VLAdapter(Adapter):
             )
         else:
             positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1)
-        return PreparedInputs(input_ids, embeds, positions, mask, visual, self._grids(visual, image_grid_thw), record)
+        images = {k: v for k, v in dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw).items() if v is not None}
+        return PreparedInputs(input_ids, embeds, positions, mask, visual, self._grids(visual, image_grid_thw), record, images)
 
     @torch.no_grad()
-    def _received_scores(self, seen: dict, image_grid_thw: torch.Tensor):
-        """(dominance [N], keys [N, d], patch [N]) over the batch's visual tokens, from the recorded
-        input ``[S, D]`` (S patches of all images) of the last vision block."""
+    def _received_scores(self, seen: dict, merged: dict, image_grid_thw: torch.Tensor):
+        """(dominance [N], keys [N, d], patch [N], features [N, merge**2 * D]) over the batch's visual
+        tokens, from the recorded input ``[S, D]`` (S patches of all images) of the last vision block and
+        the merger's input ``[S, D]``."""
         visual = self.model.model.visual
         block, attn = visual.blocks[-1], visual.blocks[-1].attn
         hidden_in = seen["args"][0] if seen["args"] else seen["kwargs"]["hidden_states"]
@@ -103,14 +107,16 @@ class Qwen2VLAdapter(Adapter):
         unit = visual.spatial_merge_size**2  # consecutive patches merged into one LLM token
         dominance = received.view(-1, unit).mean(1)
         keys = keys.view(-1, unit, keys.shape[-1]).mean(1)
+        merger_in = merged["args"][0] if merged["args"] else next(iter(merged["kwargs"].values()))
+        features = merger_in.to(dominance.device).float().reshape(dominance.shape[0], -1)  # (N, unit * D)
         if self.config.model_type == "qwen2_5_vl":  # blocks run in window order; tokens leave in image order
             vcfg = self.config.vision_config
             window_index, _ = get_vision_window_index(
                 image_grid_thw, vcfg.spatial_merge_size, vcfg.window_size, vcfg.patch_size
             )
             order = torch.argsort(window_index.to(dominance.device))
-            dominance, keys = dominance[order], keys[order]
-        return dominance, keys, torch.ones_like(dominance, dtype=torch.bool)
+            dominance, keys, features = dominance[order], keys[order], features[order]
+        return dominance, keys, torch.ones_like(dominance, dtype=torch.bool), features
 
     def _grids(self, visual: torch.Tensor, image_grid_thw: torch.Tensor | None) -> list:
         """One (rows, cols) grid per sample holding exactly one image (after the 2x2 patch merge)."""

@@ -1,0 +1,318 @@
+"""VisPruner, HoloV and Downsample: methods that decide from the vision side, before the LLM.
+
+Kept indices equal brute-force references written from each paper's definition (loops over tokens) on
+the vision tower's values read from the unmodified eager model; the pruned run is physical (a padded
+batch gives each sample what it gets alone, and equals the full model with the dropped tokens masked
+out); the accountant, vision-side scoring included, matches FlopCounterMode; bad configs are refused.
+"""
+
+import math
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import vlmprune
+from conftest import FAMILIES, make_batch, sample_inputs
+from reference import dropped_mask, masked_logits
+from vlmprune.methods import AtFlops, RandomLayers, VisPruner
+from vlmprune.methods.registry import configure
+
+
+def _batch(tiny_models, family, seed=0):
+    model = tiny_models(family)
+    return model, make_batch(family, model, [3, 6, 1], [4, 2, 7], "left", seed=seed)
+
+
+# ------------------------------------------------------------------ the tower's values, from the eager model
+def _tag_rows(n_rows, width):
+    """Rows whose channel 0 is 1..n_rows (exact in float32) and the rest 0: follows rows through a layout."""
+    tags = torch.zeros(n_rows, width)
+    tags[:, 0] = torch.arange(1, n_rows + 1, dtype=torch.float32)
+    return tags
+
+
+def _clip_values(eager, batch):
+    """Per visual token: the CLS attention (head mean) of the layer whose output `vision_feature_layer`
+    selects, the projector's input row (pre-projector features) and whether the token has a patch. The
+    token -> (tile, row) layout comes from tags pushed through the model's own packing."""
+    inner = eager.model
+    seen = {}
+
+    def tag(module, args, out):
+        seen["input"], seen["rows"] = args[0], out.shape[1]
+        return _tag_rows(out.shape[0] * out.shape[1], out.shape[2]).view(out.shape)
+
+    handle = inner.multi_modal_projector.register_forward_hook(tag)
+    try:
+        with torch.no_grad():
+            out = inner.get_image_features(**batch.vision, output_attentions=True, output_hidden_states=True, return_dict=True)
+    finally:
+        handle.remove()
+    n_layers = eager.config.vision_config.num_hidden_layers
+    layer = eager.config.vision_feature_layer % (n_layers + 1) - 1
+    cls = out.attentions[layer][:, :, 0].mean(1)  # (tiles, 1 + P)
+    rows = torch.cat(list(out.pooler_output), 0)
+    newline = getattr(inner, "image_newline", None)
+    patch = torch.ones(rows.shape[0], dtype=torch.bool) if newline is None else ~torch.isclose(rows, newline[None]).all(1)
+    flat = (rows[:, 0].round().long() - 1).clamp(min=0)
+    tile, row = flat // seen["rows"], flat % seen["rows"]
+    skip_cls = 1 if eager.config.vision_feature_select_strategy == "default" else 0
+    attention = torch.where(patch, cls[tile, row + skip_cls], 0.0)
+    features = torch.where(patch[:, None], seen["input"][tile, row], 0.0)
+    return attention, features, patch
+
+
+def _qwen_values(eager, batch, monkeypatch):
+    """Per visual token: the mean attention its patches receive in the last vision block (eager weights,
+    mean over heads and queries of each segment, then over the merged patches), the merger's input of
+    its patches concatenated, and True (every token has patches)."""
+    visual = eager.model.visual
+    module = sys.modules[type(visual.blocks[-1].attn).__module__]
+    original, weights, state, seen = module.eager_attention_forward, [], {"on": False}, {}
+
+    def recording(*args, **kwargs):
+        out, w = original(*args, **kwargs)
+        if state["on"]:
+            weights.append(w)
+        return out, w
+
+    def tag(module, args, out):
+        seen["input"] = args[0]
+        return _tag_rows(out.shape[0], out.shape[1])
+
+    monkeypatch.setattr(module, "eager_attention_forward", recording)
+    last = visual.blocks[-1]
+    handles = [
+        last.register_forward_pre_hook(lambda m, a: state.__setitem__("on", True)),
+        last.register_forward_hook(lambda m, a, o: state.__setitem__("on", False)),
+        visual.merger.register_forward_hook(tag),
+    ]
+    try:
+        with torch.no_grad():
+            out = eager.model.get_image_features(batch.vision["pixel_values"], batch.vision["image_grid_thw"], return_dict=True)
+    finally:
+        for h in handles:
+            h.remove()
+    received = torch.cat([w[0].mean(0).mean(0) for w in weights])  # per patch, in block order
+    unit = visual.spatial_merge_size**2
+    rows = torch.cat(list(out.pooler_output), 0)
+    units = rows[:, 0].round().long() - 1  # each LLM token's merge unit, in block order
+    attention = received.view(-1, unit).mean(1)[units]
+    features = seen["input"].reshape(-1, unit * seen["input"].shape[-1])[units]
+    return attention, features, torch.ones(rows.shape[0], dtype=torch.bool)
+
+
+def tower_values(tiny_models, family, batch, monkeypatch):
+    """Per sample: (attention [n], pre-projector features [n, f], patch [n], LLM input features [n, D])."""
+    eager = tiny_models(family, "eager")
+    if family.startswith("qwen"):
+        values = _qwen_values(eager, batch, monkeypatch)
+        monkeypatch.undo()
+    else:
+        values = _clip_values(eager, batch)
+    with torch.no_grad():
+        if family.startswith("qwen"):
+            out = eager.model.get_image_features(batch.vision["pixel_values"], batch.vision["image_grid_thw"], return_dict=True)
+        else:
+            out = eager.model.get_image_features(**batch.vision, return_dict=True)
+    projected = torch.cat(list(out.pooler_output), 0)
+    return list(zip(*[v.split(batch.n_visual) for v in (*values, projected)]))
+
+
+# ------------------------------------------------------------------ the papers' rules, one token at a time
+def _cosine(x, y):
+    x, y = x.double(), y.double()
+    return float(x @ y) / (float(x.norm()) * float(y.norm()))
+
+
+def vispruner_by_hand(attention, features, patch, budget, important_share):
+    """VisPruner: int(T r) important tokens by attention; then, 8 per round, the even-placed residual
+    tokens most similar to an odd-placed one are removed until T - int(T r) diverse tokens are left."""
+    candidates = [i for i in range(len(patch)) if patch[i]]
+    budget = min(budget, len(candidates))
+    n_important = int(budget * important_share)
+    n_diverse = budget - n_important
+    ranked = sorted(candidates, key=lambda i: (-float(attention[i]), i))
+    important, residual = ranked[:n_important], ranked[n_important:]
+    while n_diverse > 0:
+        removed = min(8, len(residual) - n_diverse)
+        if removed <= 0:
+            break
+        evens, odds = residual[0::2], residual[1::2]
+        score = [max(_cosine(features[i], features[j]) for j in odds) for i in evens]
+        order = sorted(range(len(evens)), key=lambda p: (-score[p], p))
+        residual = [evens[p] for p in order[removed:]] + odds
+    return sorted(important + (residual if n_diverse > 0 else []))
+
+
+def vispruner_macs_by_hand(patch, budget, important_share, width):
+    """The similarity products of VisPruner's rounds: |evens| x |odds| x width each."""
+    n = int(sum(bool(p) for p in patch))
+    budget = min(budget, n)
+    n_diverse = budget - int(budget * important_share)
+    residual, macs = n - int(budget * important_share), 0
+    while n_diverse > 0 and min(8, residual - n_diverse) > 0:
+        evens, odds = (residual + 1) // 2, residual // 2
+        macs += evens * odds * width
+        residual -= min(8, residual - n_diverse, evens)
+    return macs
+
+
+# ------------------------------------------------------------------ VisPruner
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("keep, share", [(0.25, 0.5), (0.5, 0.75), (5, 0.0)])
+def test_vispruner_equals_brute_force(tiny_models, family, keep, share, monkeypatch):
+    model, batch = _batch(tiny_models, family)
+    out = vlmprune.wrap(model)(**batch.kwargs(), prune=VisPruner(keep=keep, important_share=share))
+    for b, (attention, features, patch, _) in enumerate(tower_values(tiny_models, family, batch, monkeypatch)):
+        budget = keep if isinstance(keep, int) else max(1, round(keep * batch.n_visual[b]))
+        expected = vispruner_by_hand(attention, features, patch, budget, share)
+        assert out.stats.plan.keep[0][b].tolist() == expected, b
+        assert out.stats.visual_tokens[b, 0] == len(expected) == min(budget, int(patch.sum()))
+
+
+def test_vispruner_vision_scores_carry_the_features(tiny_models, monkeypatch):
+    """The adapter's recorded features are the projector's / merger's input (checked on all families
+    through the brute-force test; here directly, with LLaVA-NeXT's newline tokens zero)."""
+    for family in ("llava_next", "qwen2_5_vl"):
+        model, batch = _batch(tiny_models, family)
+        got = vlmprune.wrap(model).prepare(**batch.kwargs()).vision_scores()
+        for b, (attention, features, patch, _) in enumerate(tower_values(tiny_models, family, batch, monkeypatch)):
+            torch.testing.assert_close(got.features[b], features.float(), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(got.dominance[b], attention.float(), atol=1e-6, rtol=1e-4)
+            assert torch.equal(got.patch[b], patch)
+
+
+# ------------------------------------------------------------------ all vision-side methods
+def _methods():
+    return {"vispruner": VisPruner(keep=0.3)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", ["vispruner"])
+def test_physical_and_a_padded_batch_gives_each_sample_its_own(tiny_models, family, name):
+    """Each sample keeps what it keeps alone, and the physical run equals the full model in which the
+    dropped tokens are masked out of attention from layer 0 on (left and right padding)."""
+    model, batch = _batch(tiny_models, family)
+    pm = vlmprune.wrap(model)
+    method = _methods()[name]
+    out = pm(**batch.kwargs(), prune=method)
+    kept = out.stats.plan.keep[0]
+    right = make_batch(family, model, [3, 6, 1], [4, 2, 7], "right")
+    assert [r.tolist() for r in pm(**right.kwargs(), prune=method).stats.plan.keep[0]] == [r.tolist() for r in kept]
+    for b in range(3):
+        alone = pm(**sample_inputs(family, batch, b).kwargs(), prune=method)
+        assert alone.stats.plan.keep[0][0].tolist() == kept[b].tolist(), b
+        torch.testing.assert_close(alone.last_logits[0], out.last_logits[b], atol=1e-4, rtol=0)
+    text = batch.attention_mask.sum(1) - torch.tensor(batch.n_visual)
+    assert out.stats.tokens[:, 0].tolist() == (text + torch.tensor([r.numel() for r in kept])).tolist()
+    assert out.stats.kv_entries[:, 0].tolist() == out.stats.tokens[:, 0].tolist()
+    reference = masked_logits(model, family, batch.input_ids, batch.attention_mask, batch.vision,
+                              dropped_mask(batch, kept), 0)[:, -1]
+    torch.testing.assert_close(out.last_logits, reference, atol=1e-4, rtol=0)
+
+
+def _counted(pm, kwargs, prune):
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = pm(**kwargs, prune=prune, logits_to_keep=1)
+    return counter.get_total_flops(), out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", ["vispruner"])
+def test_flops_with_vision_side_scoring_match_flop_counter(tiny_models, family, name):
+    """The whole call (vision tower, vision scores, the method's own products, projector, decoder, head)
+    within 3% of FlopCounterMode under eager attention; the priced scoring is exactly what the method's
+    run adds over a replay of its plan."""
+    model = tiny_models(family, "eager")
+    batch = make_batch(family, model, [5], [6], "left")
+    pm = vlmprune.wrap(model)
+    measured, out = _counted(pm, batch.kwargs(), _methods()[name])
+    report = vlmprune.flops(pm, out.stats, **batch.kwargs())
+    assert abs(float(report.total[0]) - measured) / measured < 0.03
+    replayed, _ = _counted(pm, batch.kwargs(), vlmprune.Plan(keep=out.stats.plan.keep))
+    assert float(report.scoring[0]) > 0
+    assert float(report.scoring[0]) == pytest.approx(measured - replayed, rel=1e-9)
+
+
+def test_vispruner_overhead_is_the_vision_scores_and_the_rounds(tiny_models):
+    model, batch = _batch(tiny_models, "llava_next")
+    pm = vlmprune.wrap(model)
+    prep = pm.prepare(**batch.kwargs())
+    plan, _ = VisPruner(keep=0.25).decide(pm, prep)
+    scores = prep.vision_scores()
+    vc = model.config.vision_config
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    tiles = [image_size_to_num_patches(s, model.config.image_grid_pinpoints, vc.image_size) for s in batch.vision["image_sizes"]]
+    n, c = (vc.image_size // vc.patch_size) ** 2 + 1, vc.hidden_size
+    for b, patch in enumerate(scores.patch):
+        per_tile = n * c * c + c * c + n * c  # keys, the CLS query, its score row
+        budget = max(1, round(0.25 * batch.n_visual[b]))
+        rounds = vispruner_macs_by_hand(patch, budget, 0.5, scores.features[b].shape[1])
+        assert plan.overhead[b] == tiles[b] * per_tile + rounds, b
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("name", ["vispruner"])
+def test_at_flops_compose_and_by_name(tiny_models, family, name):
+    model, batch = _batch(tiny_models, family)
+    pm = vlmprune.wrap(model)
+    method = vlmprune.build_method(name, keep=0.5)
+    assert method == configure(name, keep=0.5, layer=None, keep_layers=None, seed=None)
+    budget = AtFlops(vlmprune.build_method(name), share=0.5)
+    resolved = budget.resolve(pm, pm.prepare(**batch.kwargs()))
+    out = pm(**batch.kwargs(), prune=budget)
+    assert vlmprune.flops(pm, out.stats, vision=False).batch_share == pytest.approx(resolved.share)
+    assert abs(resolved.share - 0.5) < 0.1
+    both = pm(**batch.kwargs(), prune=[method, RandomLayers(keep_layers=4, seed=1)])
+    alone = pm(**batch.kwargs(), prune=method)
+    assert [r.tolist() for r in both.stats.plan.keep[0]] == [r.tolist() for r in alone.stats.plan.keep[0]]
+    assert both.stats.layers_run.sum(1).tolist() == [4, 4, 4]
+    from vlmprune.decisions import build_decision
+
+    assert build_decision(name, {"keep": None}, flops=0.5) == AtFlops(vlmprune.build_method(name, keep=1.0), 0.5)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: VisPruner(keep=1.5), r"keep=1.5 is outside \(0, 1\]"),
+        (lambda: VisPruner(keep=0), "count must be >= 1"),
+        (lambda: VisPruner(important_share=1.5), r"important_share=1.5 is outside \[0, 1\].*default is 0.5"),
+        (lambda: VisPruner(important_share="half"), r"important_share='half' is outside"),
+    ],
+)
+def test_bad_configs_name_the_problem_and_the_fix(make, message):
+    with pytest.raises(vlmprune.VlmpruneError, match=message):
+        make()
+
+
+def test_budget_above_the_visual_tokens_is_refused(tiny_models):
+    model, batch = _batch(tiny_models, "llava")
+    with pytest.raises(vlmprune.VlmpruneError, match="only 16; use a count <= 16"):
+        vlmprune.wrap(model)(**batch.kwargs(), prune=VisPruner(keep=40))
+
+
+def _siglip_llava():
+    """A LLaVA whose vision tower (SigLIP) has no CLS token."""
+    import transformers
+    from conftest import CLIP, TEXT, IMAGE_TOKEN
+
+    torch.manual_seed(0)
+    vision = transformers.SiglipVisionConfig(**{k: v for k, v in CLIP.items() if k != "projection_dim"})
+    cfg = transformers.LlavaConfig(vision_config=vision, text_config=transformers.LlamaConfig(**TEXT),
+                                   image_token_id=IMAGE_TOKEN, vision_feature_layer=-1,
+                                   vision_feature_select_strategy="full")
+    cfg._attn_implementation = "sdpa"
+    return transformers.LlavaForConditionalGeneration(cfg).eval()
+
+
+@pytest.mark.parametrize("name", ["vispruner"])
+def test_a_tower_without_cls_attention_is_refused_with_the_fix(name):
+    model = _siglip_llava()
+    batch = make_batch("llava", model, [3], [4])
+    with pytest.raises(vlmprune.VlmpruneError, match=rf"{name} needs .*CLS token.*has none.*use "):
+        vlmprune.wrap(model)(**batch.kwargs(), prune=vlmprune.build_method(name))
