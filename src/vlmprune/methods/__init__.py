@@ -10,6 +10,7 @@ from .layer.shortgpt import ShortGPT, block_influence
 from .par import PAR, PARLayers, PARTokens
 from .registry import METHODS, build_method, register_method
 from .token.dart import DART
+from .token.divprune import DivPrune
 from .token.fastv import FastV
 from .token.pdrop import PDrop
 from .token.pool import Pool
@@ -19,4 +20,4 @@ from .token.stratified_random import StratifiedRandom
 from .token.visionzip import VisionZip
 from .token.vispruner import VisPruner
 
-__all__ = ["METHODS", "AtFlops", "Compose", "DART", "FastV", "PAR", "PARLayers", "PARTokens", "PDrop", "Pool", "Random", "RandomLayers", "ShortGPT", "SparseVLM", "StratifiedRandom", "VisPruner", "VisionZip", "block_influence", "build_method", "register_method"]
+__all__ = ["METHODS", "AtFlops", "Compose", "DART", "DivPrune", "FastV", "PAR", "PARLayers", "PARTokens", "PDrop", "Pool", "Random", "RandomLayers", "ShortGPT", "SparseVLM", "StratifiedRandom", "VisPruner", "VisionZip", "block_influence", "build_method", "register_method"]
