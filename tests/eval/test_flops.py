@@ -21,6 +21,9 @@ def _plans(n_vis: int) -> dict:
         "both": vlmprune.Plan(keep={0: torch.arange(0, n_vis, 2)[None]}, skip=[5]),
         "fastv": vlmprune.FastV(layer=2, keep=0.3),
         "sparsevlm": vlmprune.SparseVLM(keep=0.3, stages=(0.34, 0.67)),
+        "dart": vlmprune.build_method("dart", layer=2, keep=0.3),
+        "divprune": vlmprune.build_method("divprune", keep=0.3),
+        "cdpruner": vlmprune.build_method("cdpruner", keep=0.3),
     }
 
 
@@ -46,7 +49,7 @@ def test_prefill_flops_match_flop_counter(tiny_models, family, plan):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("plan", ["none", "drop", "skip", "both", "fastv", "sparsevlm"])
+@pytest.mark.parametrize("plan", ["none", "drop", "skip", "both", "fastv", "sparsevlm", "dart", "divprune", "cdpruner"])
 def test_whole_forward_matches_flop_counter(tiny_models, family, plan):
     """Vision tower + projector + decoder + head + scoring rows of the whole call, within 3%."""
     model = tiny_models(family, "eager")
@@ -56,7 +59,7 @@ def test_whole_forward_matches_flop_counter(tiny_models, family, plan):
     report = vlmprune.flops(pm, out.stats, **batch.kwargs())
     assert abs(float(report.total[0]) - measured) / measured < 0.03
     assert float(report.vision_tower[0]) > 0 and float(report.projector[0]) > 0
-    assert (float(report.scoring[0]) > 0) == (plan in ("fastv", "sparsevlm"))
+    assert (float(report.scoring[0]) > 0) == (plan in ("fastv", "sparsevlm", "dart", "divprune", "cdpruner"))
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])

@@ -23,6 +23,9 @@ TOKEN_METHODS = {
     "stratified-random": dict(),
     "pool": dict(),
     "visionzip": dict(),
+    "dart": dict(layer=2),
+    "divprune": dict(),
+    "cdpruner": dict(),
 }
 
 

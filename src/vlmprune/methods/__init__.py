@@ -9,6 +9,7 @@ from .layer.random_layers import RandomLayers
 from .layer.shortgpt import ShortGPT, block_influence
 from .par import PAR, PARLayers, PARTokens
 from .registry import METHODS, build_method, register_method
+from .token.cdpruner import CDPruner
 from .token.dart import DART
 from .token.divprune import DivPrune
 from .token.fastv import FastV
@@ -20,4 +21,4 @@ from .token.stratified_random import StratifiedRandom
 from .token.visionzip import VisionZip
 from .token.vispruner import VisPruner
 
-__all__ = ["METHODS", "AtFlops", "Compose", "DART", "DivPrune", "FastV", "PAR", "PARLayers", "PARTokens", "PDrop", "Pool", "Random", "RandomLayers", "ShortGPT", "SparseVLM", "StratifiedRandom", "VisPruner", "VisionZip", "block_influence", "build_method", "register_method"]
+__all__ = ["METHODS", "AtFlops", "CDPruner", "Compose", "DART", "DivPrune", "FastV", "PAR", "PARLayers", "PARTokens", "PDrop", "Pool", "Random", "RandomLayers", "ShortGPT", "SparseVLM", "StratifiedRandom", "VisPruner", "VisionZip", "block_influence", "build_method", "register_method"]
