@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import vlmprune
 from conftest import FAMILIES, make_batch, sample_inputs
 from reference import dropped_mask, masked_logits
-from vlmprune.methods import AtFlops, RandomLayers, VisPruner
+from vlmprune.methods import AtFlops, HoloV, RandomLayers, VisPruner
 from vlmprune.methods.registry import configure
 
 
@@ -160,6 +160,48 @@ def vispruner_macs_by_hand(patch, budget, important_share, width):
     return macs
 
 
+def holov_by_hand(attention, projected, patch, budget, crops, beta):
+    """HoloV: the tokens with a patch cut into crops (runs of the sequence, the first ones one longer);
+    a crop scores the mean of 1e3 * attention + beta * (variance of its tokens' cosine similarities,
+    diagonal 0, rescaled to the attention's mean magnitude); the budget is split by score (floor, then
+    one more to the largest weights); each crop keeps its top-attention tokens, or all of them."""
+    tokens = [i for i in range(len(patch)) if patch[i]]
+    m = len(tokens)
+    budget = min(budget, m)
+    n_crops = crops if crops is not None else max(1, int((1024 / 576) * m / budget))
+    runs, start = [], 0
+    for p in range(n_crops):
+        size = m // n_crops + (1 if p < m % n_crops else 0)
+        if size:
+            runs.append(tokens[start : start + size])
+        start += size
+    scores = []
+    for run in runs:
+        s = len(run)
+        if s == 1:
+            scores.append(float(attention[run[0]]))
+            continue
+        a = [1e3 * float(attention[i]) for i in run]
+        unit = {i: projected[i].double() / (float(projected[i].double().norm()) + 1e-6) for i in run}
+        sim = [[0.0 if i == j else float(unit[i] @ unit[j]) for j in run] for i in run]
+        mean = [sum(row) / (s - 1) for row in sim]
+        var = [sum((x - mean[r]) ** 2 for x in sim[r]) / (s - 1) for r in range(s)]
+        balance = (sum(abs(x) for x in a) / s) / (sum(abs(v) for v in var) / s + 1e-6)
+        scores.append(sum(a[r] + beta * var[r] * balance for r in range(s)) / s)
+    total = sum(scores)
+    weights = [x / (total + 1e-6) for x in scores]
+    shares = [math.floor(w * budget) for w in weights]
+    for p in sorted(range(len(runs)), key=lambda p: (-weights[p], p))[: budget - sum(shares)]:
+        shares[p] += 1
+    kept = []
+    for run, share in zip(runs, shares):
+        if share >= len(run):
+            kept += run
+        elif share > 0:
+            kept += sorted(run, key=lambda i: (-float(attention[i]), i))[:share]
+    return sorted(kept)
+
+
 # ------------------------------------------------------------------ VisPruner
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("keep, share", [(0.25, 0.5), (0.5, 0.75), (5, 0.0)])
@@ -171,6 +213,51 @@ def test_vispruner_equals_brute_force(tiny_models, family, keep, share, monkeypa
         expected = vispruner_by_hand(attention, features, patch, budget, share)
         assert out.stats.plan.keep[0][b].tolist() == expected, b
         assert out.stats.visual_tokens[b, 0] == len(expected) == min(budget, int(patch.sum()))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("keep, crops", [(0.25, None), (0.5, None), (0.5, 3), (0.5, 16), (7, None)])
+def test_holov_equals_brute_force(tiny_models, family, keep, crops, monkeypatch):
+    model, batch = _batch(tiny_models, family)
+    out = vlmprune.wrap(model)(**batch.kwargs(), prune=HoloV(keep=keep, crops=crops))
+    for b, (attention, _, patch, projected) in enumerate(tower_values(tiny_models, family, batch, monkeypatch)):
+        budget = keep if isinstance(keep, int) else max(1, round(keep * batch.n_visual[b]))
+        expected = holov_by_hand(attention, projected, patch, budget, crops, 0.09)
+        assert out.stats.plan.keep[0][b].tolist() == expected, b
+        assert out.stats.visual_tokens[b, 0] == len(expected) <= min(budget, int(patch.sum()))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_holov_overflowing_crops_keep_all_and_pass_nothing_on(seed):
+    """Skewed attention: a crop whose share exceeds its size keeps all its tokens and the excess is lost
+    (as released, without the zero padding), so fewer than K tokens may be kept; one-token crops score
+    their raw attention."""
+    from vlmprune.methods.token.holov import holov_select
+
+    gen = torch.Generator().manual_seed(seed)
+    attention = torch.rand(14, generator=gen) * 1e-3
+    attention[:5] *= 50  # the first crop dominates
+    features = torch.randn(14, 8, generator=gen)
+    patch = torch.ones(14, dtype=torch.bool)
+    patch[9] = False
+    for budget, crops in [(7, 3), (6, 13), (10, 2)]:
+        kept, macs = holov_select(attention, features, patch, budget, crops, 0.09)
+        assert kept.tolist() == holov_by_hand(attention, features, patch, budget, crops, 0.09), (budget, crops)
+        sizes = [13 // crops + (p < 13 % crops) for p in range(crops)]
+        assert macs == sum(s * s * 8 for s in sizes if s > 1)
+    assert holov_select(attention, features, patch, 7, 3, 0.09)[0].numel() < 7  # the excess was lost
+
+
+def test_holov_spreads_the_budget_over_the_crops(tiny_models):
+    """No crop is emptied while the budget allows one token per crop, unlike a plain top-k."""
+    model, batch = _batch(tiny_models, "llava_next")
+    pm = vlmprune.wrap(model)
+    prep = pm.prepare(**batch.kwargs())
+    plan, _ = HoloV(keep=0.25, crops=4).decide(pm, prep)
+    for b, patch in enumerate(prep.vision_scores().patch):
+        tokens = patch.nonzero().squeeze(1)
+        runs = tokens.split([len(tokens) // 4 + (p < len(tokens) % 4) for p in range(4)])
+        assert all(bool(torch.isin(run, plan.keep[0][b]).any()) for run in runs), b
 
 
 def test_vispruner_vision_scores_carry_the_features(tiny_models, monkeypatch):
@@ -187,11 +274,11 @@ def test_vispruner_vision_scores_carry_the_features(tiny_models, monkeypatch):
 
 # ------------------------------------------------------------------ all vision-side methods
 def _methods():
-    return {"vispruner": VisPruner(keep=0.3)}
+    return {"vispruner": VisPruner(keep=0.3), "holov": HoloV(keep=0.3)}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", ["vispruner"])
+@pytest.mark.parametrize("name", ["vispruner", "holov"])
 def test_physical_and_a_padded_batch_gives_each_sample_its_own(tiny_models, family, name):
     """Each sample keeps what it keeps alone, and the physical run equals the full model in which the
     dropped tokens are masked out of attention from layer 0 on (left and right padding)."""
@@ -221,7 +308,7 @@ def _counted(pm, kwargs, prune):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("name", ["vispruner"])
+@pytest.mark.parametrize("name", ["vispruner", "holov"])
 def test_flops_with_vision_side_scoring_match_flop_counter(tiny_models, family, name):
     """The whole call (vision tower, vision scores, the method's own products, projector, decoder, head)
     within 3% of FlopCounterMode under eager attention; the priced scoring is exactly what the method's
@@ -256,7 +343,7 @@ def test_vispruner_overhead_is_the_vision_scores_and_the_rounds(tiny_models):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-@pytest.mark.parametrize("name", ["vispruner"])
+@pytest.mark.parametrize("name", ["vispruner", "holov"])
 def test_at_flops_compose_and_by_name(tiny_models, family, name):
     model, batch = _batch(tiny_models, family)
     pm = vlmprune.wrap(model)
@@ -283,6 +370,11 @@ def test_at_flops_compose_and_by_name(tiny_models, family, name):
         (lambda: VisPruner(keep=0), "count must be >= 1"),
         (lambda: VisPruner(important_share=1.5), r"important_share=1.5 is outside \[0, 1\].*default is 0.5"),
         (lambda: VisPruner(important_share="half"), r"important_share='half' is outside"),
+        (lambda: HoloV(keep=2.0), r"keep=2.0 is outside \(0, 1\]"),
+        (lambda: HoloV(keep=-1), "count must be >= 1"),
+        (lambda: HoloV(crops=0), r"crops=0: give a crop count >= 1, or None for the released rule"),
+        (lambda: HoloV(crops=2.5), r"crops=2.5: give a crop count"),
+        (lambda: HoloV(beta=-0.1), r"beta=-0.1 must be a number >= 0.*released: 0.09"),
     ],
 )
 def test_bad_configs_name_the_problem_and_the_fix(make, message):
@@ -310,9 +402,23 @@ def _siglip_llava():
     return transformers.LlavaForConditionalGeneration(cfg).eval()
 
 
-@pytest.mark.parametrize("name", ["vispruner"])
+@pytest.mark.parametrize("name", ["vispruner", "holov"])
 def test_a_tower_without_cls_attention_is_refused_with_the_fix(name):
     model = _siglip_llava()
     batch = make_batch("llava", model, [3], [4])
     with pytest.raises(vlmprune.VlmpruneError, match=rf"{name} needs .*CLS token.*has none.*use "):
         vlmprune.wrap(model)(**batch.kwargs(), prune=vlmprune.build_method(name))
+
+
+def test_the_sweep_runs_vision_side_methods_by_name(tmp_path):
+    from vlmprune.eval.sweep import sweep
+    from vlmprune.testbed import data
+    from vlmprune.testbed.recipe import random_checkpoint
+
+    pm = vlmprune.load(random_checkpoint(tmp_path / "model", words=data.vocabulary()))
+    res = sweep(pm, "vispruner,holov", [0.5], tmp_path / "sweep", limit=8, progress=False, latency=False)
+    points = {p["method"]: p for p in res.points}
+    full = points["full"]["visual_tokens_kept"]
+    for name in ("vispruner", "holov"):
+        assert 0 < points[name]["visual_tokens_kept"] <= points[name]["visual_tokens_in"] <= full / 2
+        assert points[name]["lm_share"] < 1 and points[name]["config"]["keep"] == 0.5
