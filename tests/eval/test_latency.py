@@ -1,6 +1,9 @@
 """`measure_latency` on a tiny LLaVA: KV-cache bytes equal their closed form, the decode length is forced,
 and the timings and memory are sane (timings are not asserted beyond being positive)."""
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -63,3 +66,30 @@ def test_bad_arguments_are_refused(tiny_models):
         measure_latency(vlmprune.wrap(model), batch.kwargs(), repeats=0)
     with pytest.raises(vlmprune.VlmpruneError, match="exceeds the model's 1024 positions"):
         measure_latency(vlmprune.wrap(model), batch.kwargs(), decode_tokens=2000)
+
+
+def test_peak_memory_keeps_the_final_reading_when_the_sampler_lags(monkeypatch):
+    """The sampler thread can be descheduled between a reading and recording it; the final reading,
+    taken with the result alive, must still count, so the peak never falls below what the result holds
+    (with one shared maximum the lagging sampler overwrote it: the flaky memory check above)."""
+    from vlmprune.eval import memory
+
+    read, method = memory._cpu_reader()
+    if "mallinfo2" not in method:
+        pytest.skip("needs allocator bytes (glibc mallinfo2)")
+
+    def lagging() -> int:  # a reading, then (in the sampler thread) a pause before it is recorded
+        value = read()
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(1e-3)
+        return value
+
+    monkeypatch.setattr(memory, "_cpu_reader", lambda: (lagging, method))
+
+    def run() -> torch.Tensor:
+        time.sleep(3e-3)  # the sampler reads meanwhile
+        return torch.empty(1 << 16, dtype=torch.uint8)  # 64 KiB, alive when the run ends
+
+    for _ in range(8):
+        held, peak, _ = memory.peak_memory_growth(run, torch.device("cpu"))
+        assert peak >= held.nbytes, (peak, held.nbytes)

@@ -52,23 +52,28 @@ def _peak_growth(fn: Callable[[], Any], device: torch.device, interval: float) -
         return result, int(torch.cuda.max_memory_allocated(device) - base), "cuda max_memory_allocated"
     read, method = _cpu_reader()
     base = read()
-    peak = [base]
+    # The sampler keeps its own maximum and the main thread its final reading; they are merged after the
+    # join. (One shared maximum lost updates: a sampler descheduled between its reading and its write
+    # overwrote the final reading with an older, lower one, so the result's own memory could be missed.)
+    sampled = [base]  # written by the sampler thread only
     stop = threading.Event()
 
     def sample() -> None:
+        high = base
         while not stop.is_set():
-            peak[0] = max(peak[0], read())
+            high = max(high, read())
+            sampled[0] = high
             time.sleep(interval)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
         result = fn()
-        peak[0] = max(peak[0], read())  # the final state, with the result still alive
+        final = read()  # the final state, with the result still alive
     finally:
         stop.set()
         sampler.join()
-    return result, max(0, peak[0] - base), method
+    return result, max(0, max(sampled[0], final) - base), method
 
 
 class _MallInfo2(ctypes.Structure):
