@@ -22,9 +22,9 @@ def flops_placeholder(names: str, options: dict) -> dict:
 
     listed = [n.strip() for n in names.split(",") if n.strip()]
     if len(listed) != 1:
-        raise VlmpruneError("a FLOPs budget (--flops / flops=) sets the budget of one method; give a single method")
+        raise VlmpruneError("a FLOPs budget (--flops, or flops= in model_args) sets the budget of one method; give a single --method")
     if options.get("keep") is not None or options.get("keep_layers") is not None:
-        raise VlmpruneError("a FLOPs budget chooses the budget itself; leave out keep / keep_layers")
+        raise VlmpruneError("a FLOPs budget chooses the budget itself; leave out --keep / --keep-layers (keep / keep_layers in model_args)")
     if listed[0] not in METHODS:
         return {}  # configure names the known methods
     knob = budget_field(METHODS[listed[0]])
