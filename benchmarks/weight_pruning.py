@@ -37,6 +37,7 @@ METHODS = {
     "owl + wanda": dict(method="owl", local="wanda"),
     "ecoflap zeroth + wanda": dict(method="ecoflap", local="wanda", order="zeroth"),
     "ecoflap zeroth block |w| + wanda": dict(method="ecoflap", local="wanda", order="zeroth", zeroth_mode="block", score="grad-weight"),
+    "ecoflap zeroth clamped + wanda": dict(method="ecoflap", local="wanda", order="zeroth", allocation="clamped"),
     "ecoflap first + wanda": dict(method="ecoflap", local="wanda", order="first"),
     "ecoflap zeroth + sparsegpt": dict(method="ecoflap", local="sparsegpt", order="zeroth"),
 }
