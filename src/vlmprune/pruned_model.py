@@ -25,12 +25,15 @@ FROM_CONFIG = "from-config"  # eos_token_id default: the model's generation conf
 class PrunedOutput:
     """``logits [B, L_out, V]`` for the tokens that reached the head, in original order; ``token_index``
     maps each row to its prompt index (-1 for padding slots). Without token drops ``L_out`` is the
-    prompt length and the layout equals the input's."""
+    prompt length and the layout equals the input's. ``inputs``: the inputs the model ran on when a
+    method re-encoded the images before the vision tower (Downsample), else None; the rows and
+    ``token_index`` then refer to its ``input_ids``."""
 
     logits: torch.Tensor
     token_index: torch.Tensor
     last_logits: torch.Tensor
     stats: RunStats
+    inputs: dict | None = None
 
 
 @dataclass
@@ -41,6 +44,51 @@ class GenerationResult:
     prefill_seconds: float = 0.0  # wall time of the prefill (decision included)
     decode_seconds: float = 0.0  # wall time of the decode steps after it
     decode_steps: int = 0  # decode steps run (generated tokens - 1)
+    inputs: dict | None = None  # the re-encoded inputs the prefill ran on (Downsample), else None
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """A batch as the caller gave it, before the vision tower: what a FLOPs budget prices a method that
+    re-encodes the images on (its ``lm_counts(pm, inputs)``), without running the tower. It has the
+    attributes of `PreparedInputs` such a method and `AtFlops` read."""
+
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L] bool
+    image_inputs: dict  # pixel_values and image_sizes / image_grid_thw
+    image_token_id: int
+
+    @property
+    def n_visual(self) -> list[int]:
+        return ((self.input_ids == self.image_token_id) & self.attention_mask).sum(1).tolist()
+
+
+def reencode_inputs(prune: Any, pm: "PrunedModel", inputs: dict) -> tuple[dict, Any]:
+    """Before the vision tower: the method of `prune` that changes the model's inputs (one with
+    ``reencode(pm, inputs) -> inputs``, e.g. `Downsample`) re-encodes them. It may be `prune` itself, a
+    member of a list or `Compose`, or the method of an `AtFlops`, whose budget is then resolved on these
+    inputs (priced by the method's ``lm_counts``, no vision pass). At most one method may re-encode.
+
+    Returns (the inputs the model runs on, the rest of the decision: what decides on the re-encoded
+    inputs, None if nothing). Without such a method: `inputs` itself and `prune` unchanged."""
+    from .methods.base import Compose
+    from .methods.budget import AtFlops
+
+    members = list(prune) if isinstance(prune, (list, tuple)) else list(prune.methods) if isinstance(prune, Compose) else [prune]
+    reencoding = [m for m in members if hasattr(m, "reencode") or (isinstance(m, AtFlops) and hasattr(m.method, "reencode"))]
+    if not reencoding:
+        return inputs, prune
+    if len(reencoding) > 1:
+        raise VlmpruneError("at most one method may re-encode the images before the vision tower (e.g. downsample)")
+    method = reencoding[0]
+    if isinstance(method, AtFlops):
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        images = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask") and v is not None}
+        method = method.resolve(pm, ModelInputs(ids, mask, images, pm.adapter.image_token_id)).method
+    rest = [m for m in members if m is not reencoding[0]]
+    return method.reencode(pm, inputs), (rest[0] if len(rest) == 1 else rest or None)
 
 
 def resolve_prune(prune: Any, pm: "PrunedModel", prep: PreparedInputs) -> tuple[Plan, list[LayerPolicy]]:
@@ -101,6 +149,28 @@ class PrunedModel:
         inputs = self.to_input_device(dict(input_ids=input_ids, attention_mask=attention_mask, **vision))
         return self.adapter.prepare(**inputs)
 
+    def prepare_for(self, prune: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    **vision) -> tuple[PreparedInputs, Any, dict | None]:
+        """`prepare` under the decision `prune`: a method of it that re-encodes the images before the
+        vision tower (`reencode_inputs`, e.g. Downsample) does so first. Returns (the prepared inputs,
+        the rest of the decision, the re-encoded inputs or None when they are the caller's)."""
+        inputs = self.to_input_device(dict(input_ids=input_ids, attention_mask=attention_mask, **vision))
+        ran, rest = reencode_inputs(prune, self, inputs)
+        if ran is inputs:
+            return self.prepare(**inputs), prune, None
+        return self.prepare(**ran), rest, ran
+
+    def _note_reencoded(self, stats: RunStats, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        ran: dict | None) -> None:
+        """A run on re-encoded images: the caller's visual tokens stay ``input_visual`` (shares are of
+        the unpruned model) and the tower's geometry goes to ``vision_inputs`` (it is priced from there)."""
+        if ran is None:
+            return
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        geometry = {k: ran[k].cpu() for k in ("image_sizes", "image_grid_thw") if ran.get(k) is not None}
+        stats.vision_inputs = dict(geometry, n_visual=stats.input_visual.tolist())
+        stats.input_visual = ((input_ids == self.adapter.image_token_id) & mask.to(input_ids.device)).sum(1).cpu()
+
     @torch.no_grad()
     def __call__(
         self,
@@ -110,10 +180,11 @@ class PrunedModel:
         logits_to_keep: int = 0,
         **vision,
     ) -> PrunedOutput:
-        prep = self.prepare(input_ids, attention_mask, **vision)
+        prep, prune, ran = self.prepare_for(prune, input_ids, attention_mask, **vision)
         plan, policies = resolve_prune(prune, self, prep)
         res = prefill(self.adapter, prep, plan, policies, logits_to_keep)
-        return PrunedOutput(res.logits, res.token_index, res.last_logits, res.stats)
+        self._note_reencoded(res.stats, input_ids, attention_mask, ran)
+        return PrunedOutput(res.logits, res.token_index, res.last_logits, res.stats, ran)
 
     @torch.no_grad()
     def generate(
@@ -158,9 +229,10 @@ class PrunedModel:
             generator.manual_seed(0 if seed is None else seed)
 
         t0 = time.perf_counter()
-        prep = self.prepare(input_ids, attention_mask, **vision)
+        prep, prune, ran = self.prepare_for(prune, input_ids, attention_mask, **vision)
         plan, policies = resolve_prune(prune, self, prep)
         res = prefill(self.adapter, prep, plan, policies, logits_to_keep=1)
+        self._note_reencoded(res.stats, input_ids, attention_mask, ran)
         logits, positions = res.last_logits, res.next_position.clone()
         _sync(logits)
         t1 = time.perf_counter()
@@ -185,7 +257,7 @@ class PrunedModel:
             return sequences
         stats = res.stats
         stats.kv_entries, stats.kv_bytes = res.cache.entries(), res.cache.nbytes()
-        return GenerationResult(sequences, scores, stats, t1 - t0, t2 - t1, len(new_tokens) - 1)
+        return GenerationResult(sequences, scores, stats, t1 - t0, t2 - t1, len(new_tokens) - 1, ran)
 
     @torch.no_grad()
     def score_response(
@@ -203,9 +275,10 @@ class PrunedModel:
         whatever the fed padding gives (mask them)."""
         if response.dim() != 2 or response.shape[0] != input_ids.shape[0] or response.shape[1] < 1:
             raise VlmpruneError(f"response must be [batch, >= 1] token ids for the batch, got {tuple(response.shape)}")
-        prep = self.prepare(input_ids, attention_mask, **vision)
+        prep, prune, ran = self.prepare_for(prune, input_ids, attention_mask, **vision)
         plan, policies = resolve_prune(prune, self, prep)
         res = prefill(self.adapter, prep, plan, policies, logits_to_keep=1)
+        self._note_reencoded(res.stats, input_ids, attention_mask, ran)
         positions = res.next_position.clone()
         rows = [res.last_logits.float().log_softmax(-1)]
         for t in range(response.shape[1] - 1):

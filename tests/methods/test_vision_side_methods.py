@@ -9,6 +9,7 @@ out); the accountant, vision-side scoring included, matches FlopCounterMode; bad
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -422,3 +423,234 @@ def test_the_sweep_runs_vision_side_methods_by_name(tmp_path):
     for name in ("vispruner", "holov"):
         assert 0 < points[name]["visual_tokens_kept"] <= points[name]["visual_tokens_in"] <= full / 2
         assert points[name]["lm_share"] < 1 and points[name]["config"]["keep"] == 0.5
+
+
+# ------------------------------------------------------------------ Downsample
+QWEN_PIXELS = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 40)
+DOWNSAMPLED = ["llava_next", "qwen2_vl", "qwen2_5_vl"]
+
+
+def _photo(height, width, seed):
+    """A smooth RGB test image (gradients and a disc), as PIL."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    rng = np.random.default_rng(seed)
+    cy, cx, r = rng.uniform(0.3, 0.7) * height, rng.uniform(0.3, 0.7) * width, 0.25 * min(height, width)
+    disc = ((y - cy) ** 2 + (x - cx) ** 2 < r * r).astype(np.float32)
+    rgb = np.stack([x / width, y / height, 0.5 + 0.5 * disc - 0.3 * x / width], -1)
+    return Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+
+
+def _image_processor(family):
+    import transformers
+    from checkpoints import CLIP_MEAN, CLIP_STD, LLAVA_NEXT_PINPOINTS
+
+    if family == "llava_next":
+        return transformers.LlavaNextImageProcessor(
+            size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+            image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    return transformers.Qwen2VLImageProcessor(**QWEN_PIXELS, patch_size=14, temporal_patch_size=2, merge_size=2,
+                                              image_mean=CLIP_MEAN, image_std=CLIP_STD)
+
+
+def _tokens(family, model, processed):
+    """Visual tokens per image of a processor's output, as the model makes them."""
+    with torch.no_grad():
+        if family == "llava_next":
+            out = model.model.get_image_features(pixel_values=processed["pixel_values"], image_sizes=processed["image_sizes"], return_dict=True)
+        else:
+            out = model.model.get_image_features(processed["pixel_values"], processed["image_grid_thw"], return_dict=True)
+    return [f.shape[0] for f in out.pooler_output]
+
+
+def _prompts(processed, tokens, texts, side="left"):
+    """[bos, text, image placeholders, text] per sample, padded: the model inputs of `processed` images."""
+    from conftest import IMAGE_TOKEN
+
+    rows = [[2] + a + [IMAGE_TOKEN] * n + b for n, (a, b) in zip(tokens, texts)]
+    length = max(map(len, rows))
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for r, row in enumerate(rows):
+        where = slice(length - len(row), length) if side == "left" else slice(0, len(row))
+        ids[r, where], mask[r, where] = torch.tensor(row), 1
+    return dict(input_ids=ids, attention_mask=mask, **{k: v for k, v in processed.items() if k != "mm_token_type_ids"})
+
+
+def _photo_batch(tiny_models, family, side="left"):
+    """Two photographs of different sizes through the family's real image processor, with prompts."""
+    model = tiny_models(family)
+    processor = _image_processor(family)
+    photos = [_photo(150, 230, 0), _photo(120, 90, 1)] if family != "llava_next" else [_photo(60, 40, 0), _photo(45, 90, 1)]
+    processed = dict(processor(images=photos, return_tensors="pt"))
+    texts = [([5, 6, 7], [8, 9]), ([10], [11, 12, 13, 14])]
+    return model, processor, photos, texts, _prompts(processed, _tokens(family, model, processed), texts, side)
+
+
+@pytest.mark.parametrize("family", DOWNSAMPLED)
+@pytest.mark.parametrize("keep", [0.5, 0.25, 10])
+def test_downsample_equals_a_processor_call_at_the_lower_resolution(tiny_models, family, keep):
+    """Per image, the resolution downsample picks, given to the processor directly (the photo resized
+    to it), makes the same grid / tiles, the same visual tokens and the same vision-tower FLOPs; the
+    re-made pixels are close to the processor's (they are resampled from the processed image)."""
+    from types import SimpleNamespace
+
+    model, processor, photos, texts, inputs = _photo_batch(tiny_models, family)
+    pm = vlmprune.wrap(model, SimpleNamespace(image_processor=processor))
+    out = pm(**inputs, prune=vlmprune.methods.Downsample(keep=keep))
+    ran = out.inputs
+    key = "image_sizes" if family == "llava_next" else "image_grid_thw"
+    before = _tokens(family, model, inputs)
+    direct = []
+    for i, photo in enumerate(photos):
+        if family == "llava_next":
+            height, width = ran[key][i].tolist()
+        else:
+            height, width = (ran[key][i, 1:] * 14).tolist()
+        direct.append(photo.resize((width, height), resample=3))  # PIL bicubic
+    processed = dict(processor(images=direct, return_tensors="pt"))
+    assert torch.equal(processed[key], ran[key].to(processed[key]))
+    tokens = _tokens(family, model, processed)
+    assert tokens == _tokens(family, model, ran) == out.stats.visual_tokens[:, 0].tolist()
+    for b, n in enumerate(before):
+        budget = keep if isinstance(keep, int) else max(1, round(keep * n))
+        if family != "llava_next":  # Qwen: the closest count any smart_resize grid of the image reaches
+            assert abs(tokens[b] - budget) <= abs(before[b] - budget) and tokens[b] <= before[b]
+    assert out.stats.input_visual.tolist() == before
+    direct_inputs = _prompts(processed, tokens, texts)
+    unpruned = pm(**direct_inputs)
+    for part in ("vision_tower", "projector"):
+        got = getattr(vlmprune.flops(pm, out.stats, **inputs), part)
+        assert got.tolist() == getattr(vlmprune.flops(pm, unpruned.stats, **direct_inputs), part).tolist(), part
+    assert (vlmprune.flops(pm, out.stats, **inputs).vision_tower <= vlmprune.flops(pm, pm(**inputs).stats, **inputs).vision_tower).all()
+    if family == "llava_next":
+        mine, theirs = ran["pixel_values"], processed["pixel_values"]
+        for i, n in enumerate(tokens):
+            tiles = 1 + (processed["pixel_values"][i].abs().sum((1, 2, 3)) > 0)[1:].sum()
+            assert (mine[i, :tiles] - theirs[i, :tiles]).abs().mean() < 0.2
+    else:
+        assert (ran["pixel_values"] - processed["pixel_values"]).abs().mean() < 0.2
+
+
+@pytest.mark.parametrize("family", DOWNSAMPLED)
+def test_downsample_is_physical_and_per_sample(tiny_models, family):
+    """The run equals the unmodified transformers model on the re-encoded inputs; a padded batch gives
+    each sample what it gets alone (left or right padding); generate continues the caller's prompt."""
+    from reference import _hf_inputs
+
+    model, batch = _batch(tiny_models, family)
+    pm = vlmprune.wrap(model)
+    method = vlmprune.methods.Downsample(keep=0.4)
+    out = pm(**batch.kwargs(), prune=method)
+    ran = out.inputs
+    with torch.no_grad():
+        ref = model(**_hf_inputs(family, ran["input_ids"], ran["attention_mask"],
+                                 {k: v for k, v in ran.items() if k not in ("input_ids", "attention_mask")})).logits[:, -1]
+    torch.testing.assert_close(out.last_logits, ref, atol=1e-4, rtol=0)
+    assert out.stats.input_visual.tolist() == batch.n_visual
+    assert (out.stats.visual_tokens[:, 0] < torch.tensor(batch.n_visual)).all()
+    right = make_batch(family, model, [3, 6, 1], [4, 2, 7], "right")
+    flipped = pm(**right.kwargs(), prune=method)
+    torch.testing.assert_close(flipped.last_logits, out.last_logits, atol=1e-4, rtol=0)
+    for b in range(3):
+        alone = pm(**sample_inputs(family, batch, b).kwargs(), prune=method)
+        assert alone.stats.visual_tokens[0, 0] == out.stats.visual_tokens[b, 0], b
+        torch.testing.assert_close(alone.last_logits[0], out.last_logits[b], atol=1e-4, rtol=0)
+    kw = dict(max_new_tokens=4, eos_token_id=None)
+    generated = pm.generate(**batch.kwargs(), prune=method, **kw)
+    assert torch.equal(generated[:, : batch.input_ids.shape[1]], batch.input_ids)
+    plain = pm.generate(**ran, **kw)
+    assert torch.equal(generated[:, batch.input_ids.shape[1]:], plain[:, ran["input_ids"].shape[1]:])
+    scores, stats = pm.score_response(**batch.kwargs(), response=generated[:, -4:], prune=method)
+    assert stats.vision_inputs is not None and scores.shape[:2] == (3, 4)
+
+
+@pytest.mark.parametrize("family", DOWNSAMPLED)
+def test_downsample_flops_match_flop_counter(tiny_models, family):
+    """Priced from the caller's inputs: the smaller tower, projector and LM of the re-encoded run,
+    within 3% of FlopCounterMode; nothing is counted as scoring."""
+    model = tiny_models(family, "eager")
+    batch = make_batch(family, model, [5], [6], "left")
+    pm = vlmprune.wrap(model)
+    measured, out = _counted(pm, batch.kwargs(), vlmprune.methods.Downsample(keep=0.5))
+    report = vlmprune.flops(pm, out.stats, **batch.kwargs())
+    assert abs(float(report.total[0]) - measured) / measured < 0.03
+    assert float(report.scoring[0]) == 0
+    full = vlmprune.flops(pm, pm(**batch.kwargs()).stats, **batch.kwargs())
+    assert float(report.lm_prefill_full[0]) == float(full.lm_prefill_full[0])  # shares are of the unpruned model
+    assert float(report.share[0]) < 1
+    if family != "llava_next":  # (LLaVA-NeXT's 30 x 50 image keeps its 3 tiles at half the tokens)
+        assert float(report.vision_tower[0]) < float(full.vision_tower[0])
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_next"])
+def test_downsample_at_flops_compose_and_by_name(tiny_models, family):
+    from vlmprune.decisions import build_decision
+    from vlmprune.pruned_model import ModelInputs
+
+    model, batch = _batch(tiny_models, family)
+    pm = vlmprune.wrap(model)
+    method = vlmprune.build_method("downsample", keep=0.5)
+    assert method == configure("downsample", keep=0.5, layer=None, keep_layers=None, seed=None)
+    assert build_decision("downsample", {"keep": None}, flops=0.4) == AtFlops(vlmprune.methods.Downsample(keep=1.0), 0.4)
+    mask = batch.attention_mask.bool()
+    view = ModelInputs(batch.input_ids, mask, batch.vision, 250)
+    values = sorted({k / n for n in batch.n_visual for k in range(1, n + 1)})
+    achieved = lambda m: vlmprune.flops(pm, pm(**batch.kwargs(), prune=m, logits_to_keep=1).stats, vision=False).batch_share
+    brute = {v: achieved(vlmprune.methods.Downsample(keep=v)) for v in values[:: max(1, len(values) // 12)] + [1.0]}
+    for target in (0.5, 0.8):
+        budget = AtFlops(vlmprune.methods.Downsample(), share=target)
+        chosen = budget.resolve(pm, view)
+        assert chosen.share == pytest.approx(budget.resolve(pm, pm.prepare(**batch.kwargs())).share, abs=1e-12)
+        assert achieved(budget) == pytest.approx(chosen.share, abs=1e-12)
+        assert abs(chosen.share - target) <= min(abs(s - target) for s in brute.values()) + 1e-12
+    both = pm(**batch.kwargs(), prune=[method, RandomLayers(keep_layers=4, seed=1)])
+    alone = pm(**batch.kwargs(), prune=method)
+    assert both.stats.layers_run.sum(1).tolist() == [4, 4, 4]
+    assert both.stats.visual_tokens[:, 0].tolist() == alone.stats.visual_tokens[:, 0].tolist()
+    then = pm(**batch.kwargs(), prune=vlmprune.Compose(method, VisPruner(keep=0.5)))
+    assert then.stats.visual_tokens[:, 0].tolist() == [max(1, round(n / 2)) for n in alone.stats.visual_tokens[:, 0].tolist()]
+    report = vlmprune.flops(pm, then.stats, **batch.kwargs())
+    assert (report.scoring > 0).all()  # VisPruner's scores on the re-encoded images
+
+
+def test_downsample_in_latency_measurement(tiny_models):
+    from vlmprune.eval.latency import measure_latency
+
+    model, batch = _batch(tiny_models, "qwen2_vl")
+    pm = vlmprune.wrap(model)
+    full = measure_latency(pm, batch.kwargs(), None, decode_tokens=1, repeats=1, warmup=0)
+    small = measure_latency(pm, batch.kwargs(), vlmprune.methods.Downsample(keep=0.25), decode_tokens=1, repeats=1, warmup=0)
+    assert small.kv_bytes_prefill < full.kv_bytes_prefill
+
+
+def test_downsample_errors_name_the_problem_and_the_fix(tiny_models):
+    Downsample = vlmprune.methods.Downsample
+    for bad, message in [(1.5, r"keep=1.5 is outside \(0, 1\]"), (0, "count must be >= 1"), ("x", "ratio in")]:
+        with pytest.raises(vlmprune.VlmpruneError, match=message):
+            Downsample(keep=bad)
+    model, batch = _batch(tiny_models, "llava")
+    pm = vlmprune.wrap(model)
+    with pytest.raises(vlmprune.VlmpruneError, match=r"LLaVA-1.5.*fixed resolution.*equivalent is pool \(vlmprune.Pool"):
+        pm(**batch.kwargs(), prune=Downsample(keep=0.5))
+    with pytest.raises(vlmprune.VlmpruneError, match="equivalent is pool"):
+        pm(**batch.kwargs(), prune=AtFlops(Downsample(), share=0.5))
+    model, batch = _batch(tiny_models, "qwen2_vl")
+    pm = vlmprune.wrap(model)
+    with pytest.raises(vlmprune.VlmpruneError, match="cannot decide on prepared inputs; pass it as prune="):
+        Downsample().decide(pm, pm.prepare(**batch.kwargs()))
+    with pytest.raises(vlmprune.VlmpruneError, match="at most one method may re-encode"):
+        pm(**batch.kwargs(), prune=[Downsample(keep=0.5), Downsample(keep=0.3)])
+    with pytest.raises(vlmprune.VlmpruneError, match="only 16; use a count <= 16"):
+        pm(**batch.kwargs(), prune=Downsample(keep=20))
+
+
+def test_the_sweep_refuses_downsample_on_the_llava_testbed_with_the_fix(tmp_path):
+    from vlmprune.eval.sweep import sweep
+    from vlmprune.testbed import data
+    from vlmprune.testbed.recipe import random_checkpoint
+
+    pm = vlmprune.load(random_checkpoint(tmp_path / "model", words=data.vocabulary()))
+    with pytest.raises(vlmprune.VlmpruneError, match="equivalent is pool"):
+        sweep(pm, "downsample", [0.5], tmp_path / "sweep", limit=8, progress=False, latency=False)

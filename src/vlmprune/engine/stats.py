@@ -20,7 +20,10 @@ class RunStats:
     ``input_visual`` ``[B]``: visual tokens in the prompt (before any drop). ``head_rows`` ``[B]``: rows
     that reached the LM head. ``score_rows`` ``[B, n_layers]``: query rows whose attention scores
     in-model policies read from that layer (one q projection of the row against the layer's
-    ``tokens`` keys each); the accountant (`vlmprune.flops`) prices these.
+    ``tokens`` keys each); the accountant (`vlmprune.flops`) prices these. ``vision_inputs``: set when a
+    method re-encoded the images before the vision tower (Downsample): the geometry the tower ran on
+    (``image_sizes`` / ``image_grid_thw``) and ``n_visual``, the re-encoded prompt's visual tokens per
+    sample; ``input_visual`` then stays the caller's prompt's, so shares are of the unpruned model.
     """
 
     tokens: torch.Tensor
@@ -32,6 +35,7 @@ class RunStats:
     input_visual: torch.Tensor | None = None
     head_rows: torch.Tensor | None = None
     score_rows: torch.Tensor | None = None
+    vision_inputs: dict | None = None
 
     def summary(self, sample: int = 0) -> str:
         run = self.layers_run[sample]

@@ -242,6 +242,12 @@ def _llava_next_images(config, n_visual, pixel_values, image_sizes, image_grid_t
     return out
 
 
+def llava_next_tokens(config, size) -> int:
+    """Visual tokens LLaVA-NeXT gives an image of `size` (height, width): the base tile, the unpadded
+    grid of the other tiles and a newline ending each of its rows (transformers' anyres helpers)."""
+    return _llava_next_images(config, [1], None, [[int(size[0]), int(size[1])]], None)[0][0]
+
+
 def _window_sizes(vc, h: int, w: int) -> list[int]:
     """Qwen2.5-VL: patches in each attention window of one frame (windows of ``window_size`` pixels
     over the merged grid; edge windows hold what is left)."""
@@ -450,7 +456,8 @@ def flops(
     `Plan`, priced for prompts of `n_text` text and `n_visual` visual tokens (ints or one per sample;
     or pass ``input_ids`` / ``attention_mask``). `inputs`: the model inputs (``pixel_values``,
     ``image_sizes``, ``image_grid_thw``), which the vision tower's cost depends on; LLaVA-1.5 needs
-    none (fixed-size images). ``vision=False`` prices the language model only. `head_rows`: LM-head
+    none (fixed-size images); a run whose images a method re-encoded (Downsample) prices the tower from
+    what it ran on (``RunStats.vision_inputs``). ``vision=False`` prices the language model only. `head_rows`: LM-head
     rows (default: what the run computed; 1 per sample for a plan).
     """
     unknown = set(inputs) - set(INPUT_KEYS)
@@ -486,7 +493,10 @@ def flops(
 
     lm = counts.macs(text_config)
     tower = projector = torch.zeros_like(lm["layers"])
-    if vision:
+    ran = run.vision_inputs if isinstance(run, RunStats) else None
+    if vision and ran is not None:  # a method re-encoded the images (Downsample): price what the tower ran on
+        tower, projector = vision_macs(config, ran["n_visual"], None, ran.get("image_sizes"), ran.get("image_grid_thw"))
+    elif vision:
         tower, projector = vision_macs(
             config, counts.input_visual.tolist(), inputs.get("pixel_values"), inputs.get("image_sizes"),
             inputs.get("image_grid_thw"),

@@ -12,6 +12,7 @@ from .registry import METHODS, build_method, register_method
 from .token.cdpruner import CDPruner
 from .token.dart import DART
 from .token.divprune import DivPrune
+from .token.downsample import Downsample
 from .token.fastv import FastV
 from .token.holov import HoloV
 from .token.pdrop import PDrop
@@ -22,4 +23,4 @@ from .token.stratified_random import StratifiedRandom
 from .token.visionzip import VisionZip
 from .token.vispruner import VisPruner
 
-__all__ = ["METHODS", "AtFlops", "CDPruner", "Compose", "DART", "DivPrune", "FastV", "HoloV", "PAR", "PARLayers", "PARTokens", "PDrop", "Pool", "Random", "RandomLayers", "ShortGPT", "SparseVLM", "StratifiedRandom", "VisPruner", "VisionZip", "block_influence", "build_method", "register_method"]
+__all__ = ["METHODS", "AtFlops", "CDPruner", "Compose", "DART", "DivPrune", "Downsample", "FastV", "HoloV", "PAR", "PARLayers", "PARTokens", "PDrop", "Pool", "Random", "RandomLayers", "ShortGPT", "SparseVLM", "StratifiedRandom", "VisPruner", "VisionZip", "block_influence", "build_method", "register_method"]
