@@ -52,6 +52,12 @@ def check_keep(keep: float | int, what: str = "keep") -> None:
         raise VlmpruneError(f"{what}={keep}: a token count must be >= 1")
 
 
+def check_share(name: str, value, meaning: str) -> None:
+    """A share in [0, 1] (a number, not a bool); the error names the field and what it means."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise VlmpruneError(f"{name}={value!r} is outside [0, 1]: {meaning}")
+
+
 def keep_count(keep: float | int, n_visual: int) -> int:
     """Visual tokens to keep out of `n_visual` for budget `keep` (a ratio rounds, at least 1)."""
     if isinstance(keep, float):

@@ -11,7 +11,6 @@ import torch
 
 from ...engine.plan import Plan
 from ...errors import VlmpruneError
-from ...eval.flops import vision_score_macs
 from ..base import check_keep, check_layer, keep_count
 from ..registry import register_method
 from .vispruner import tower_scores
@@ -156,8 +155,7 @@ class HoloV:
         counts = prep.n_visual
         if not sum(counts):
             return Plan(), []
-        scores = tower_scores(prep, self.method_name)
-        overhead = vision_score_macs(pm.config, counts, **prep.image_inputs)
+        scores, overhead = tower_scores(pm, prep, self.method_name)
         real = prep.visual_mask & prep.attention_mask
         rows = []
         for b, (n, attention, patch) in enumerate(zip(counts, scores.dominance, scores.patch)):

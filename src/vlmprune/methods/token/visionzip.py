@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ...engine.plan import Plan
-from ...errors import VlmpruneError
-from ..base import check_keep, check_layer, keep_count
+from ..base import check_keep, check_layer, check_share, keep_count
 from ..registry import register_method
 
 PAPER_DOMINANT_SHARE = 54 / 64  # the paper's 64-token setting: 54 dominant + 10 contextual (also 108+20, 162+30)
@@ -89,12 +88,8 @@ class VisionZip:
 
     def __post_init__(self) -> None:
         check_keep(self.keep)
-        share = self.dominant_share
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
-            raise VlmpruneError(
-                f"dominant_share={share!r} is outside [0, 1]: it is the share of the kept tokens chosen by "
-                f"attention (the paper's default is 54/64 = {PAPER_DOMINANT_SHARE})"
-            )
+        check_share("dominant_share", self.dominant_share, "it is the share of the kept tokens chosen by "
+                    f"attention (the paper's default is 54/64 = {PAPER_DOMINANT_SHARE})")
 
     def decide(self, pm, prep):
         check_layer(self.layer, pm.n_layers)

@@ -12,21 +12,24 @@ import torch
 from ...engine.plan import Plan
 from ...errors import VlmpruneError
 from ...eval.flops import vision_score_macs
-from ..base import check_keep, check_layer, keep_count
+from ..base import check_keep, check_layer, check_share, keep_count
 from ..registry import register_method
 
 REMOVED_PER_ROUND = 8  # near-duplicates removed per matching round (released llava/model/llava_arch.py:163)
 
 
-def tower_scores(prep, method: str):
-    """``prep.vision_scores()``, or a `VlmpruneError` that names `method` and what to use instead."""
+def tower_scores(pm, prep, method: str):
+    """``prep.vision_scores()`` and, per sample, the multiply-adds of computing them (the start of the
+    method's ``Plan.overhead``); a `VlmpruneError` that names `method` and what to use instead when the
+    tower has no such scores."""
     try:
-        return prep.vision_scores()
+        scores = prep.vision_scores()
     except VlmpruneError as err:
         raise VlmpruneError(
             f"{method} needs the vision tower's attention to each visual token: {err}; for this model use a "
             "method that reads the language model's attention (fastv, pdrop, sparsevlm) or none (pool, random)"
         ) from err
+    return scores, vision_score_macs(pm.config, prep.n_visual, **prep.image_inputs)
 
 
 def vispruner_select(
@@ -116,20 +119,15 @@ class VisPruner:
 
     def __post_init__(self) -> None:
         check_keep(self.keep)
-        share = self.important_share
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
-            raise VlmpruneError(
-                f"important_share={share!r} is outside [0, 1]: it is the share of the kept tokens chosen by the "
-                "vision tower's attention (the paper's default is 0.5; the rest are diverse tokens)"
-            )
+        check_share("important_share", self.important_share, "it is the share of the kept tokens chosen by the "
+                    "vision tower's attention (the paper's default is 0.5; the rest are diverse tokens)")
 
     def decide(self, pm, prep):
         check_layer(self.layer, pm.n_layers)
         counts = prep.n_visual
         if not sum(counts):
             return Plan(), []
-        scores = tower_scores(prep, self.method_name)
-        overhead = vision_score_macs(pm.config, counts, **prep.image_inputs)
+        scores, overhead = tower_scores(pm, prep, self.method_name)
         rows = []
         for b, (n, importance, features, patch) in enumerate(zip(counts, scores.dominance, scores.features, scores.patch)):
             kept, macs = vispruner_select(importance, features, patch, keep_count(self.keep, n) if n else 0,
