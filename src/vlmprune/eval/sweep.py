@@ -304,10 +304,12 @@ def plot_pareto(points: Sequence[dict], path: str | os.PathLike, title: str = ""
     for p in points:
         if p["method"] != FULL:
             by_method.setdefault(p["method"], []).append(p)
-    for method, pts in by_method.items():
+    markers = "osD^vP*Xh<>"  # colours repeat after ten lines; the marker keeps every method distinct
+    for i, (method, pts) in enumerate(by_method.items()):
         pts = sorted(pts, key=lambda p: p["lm_tflops"])
         x, y = [p["lm_tflops"] for p in pts], [p["accuracy"] * 100 for p in pts]
-        (line,) = ax.plot(x, y, marker="o", label=method)
+        style = "-" if i < 10 else "--"
+        (line,) = ax.plot(x, y, marker=markers[i % len(markers)], linestyle=style, label=method)
         for p, xi, yi in zip(pts, x, y):
             ax.annotate(f"{p['keep']:g}", (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=6, color=line.get_color())
     for p in points:
