@@ -43,6 +43,7 @@ from ..engine.plan import Plan
 from ..engine.stats import RunStats
 from ..errors import VlmpruneError
 from ..models import FAMILIES, family, find_family
+
 INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids")
 
 
