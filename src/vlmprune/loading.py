@@ -11,17 +11,9 @@ import torch
 from torch import nn
 
 from .errors import VlmpruneError
-from .models import SUPPORTED_CLASSES
+from .models import family
 from .processors import load_processor
 from .pruned_model import PrunedModel
-
-# config.model_type -> the transformers class that loads it (data, not branches)
-MODEL_CLASSES = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-}
 
 
 def wrap(model: nn.Module, processor: Any = None) -> PrunedModel:
@@ -180,7 +172,6 @@ def load(
     runs each decoder layer where it lives and moves its inputs there. ``dtype``: ``"bfloat16"``,
     ``"float16"``, ``"float32"``, a `torch.dtype`, or ``"auto"`` (the checkpoint's dtype).
     """
-    import transformers
     from transformers import AutoConfig
 
     options = load_options(device, dtype, device_map, max_memory, offload_folder)  # fails fast, before any reading
@@ -190,13 +181,7 @@ def load(
     except (OSError, ValueError) as err:
         hint = "" if is_local else " (not a local directory, and the hub could not be reached or has no such model)"
         raise VlmpruneError(f"cannot load a model config from {location!r}{hint}: {str(err).splitlines()[0]}") from err
-    cls_name = MODEL_CLASSES.get(config.model_type)
-    if cls_name is None:
-        raise VlmpruneError(
-            f"{location}: model_type {config.model_type!r} is not supported; vlmprune supports "
-            + ", ".join(SUPPORTED_CLASSES)
-        )
-    cls = getattr(transformers, cls_name)
+    cls = family(config.model_type, f"{location}: ").transformers_class()
     model = from_pretrained(cls, location, options, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
     processor = load_processor(location, config.model_type, trust_remote_code)
     return PrunedModel(model, processor)

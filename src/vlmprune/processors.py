@@ -1,6 +1,7 @@
-"""Loading a checkpoint's processor, with an image-and-text fallback for Qwen2-VL / Qwen2.5-VL where
-torchvision is missing (transformers 5.23 builds their video processor on torchvision, and without it
-cannot load or even build the processor, though images and text need none of it)."""
+"""Loading a checkpoint's processor, with an image-and-text fallback where torchvision is missing for
+the families whose processor has a video sub-processor (``Adapter.processor_class``: Qwen2-VL,
+Qwen2.5-VL; transformers 5.23 builds their video processor on torchvision, and without it cannot load
+or even build the processor, though images and text need none of it)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-VIDEO_FAMILIES = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+from .models import find_family
 
 
 def load_processor(location: str, model_type: str, trust_remote_code: bool = False) -> Any:
@@ -19,9 +20,15 @@ def load_processor(location: str, model_type: str, trust_remote_code: bool = Fal
     try:
         return AutoProcessor.from_pretrained(location, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, KeyError, AttributeError, ImportError):
-        if model_type in VIDEO_FAMILIES and importlib.util.find_spec("torchvision") is None:
+        if video_processor_class(model_type) is not None and importlib.util.find_spec("torchvision") is None:
             return image_text_processor(location, model_type)
         return None
+
+
+def video_processor_class(model_type: str) -> str | None:
+    """The name in ``transformers`` of the family's processor class that has a video sub-processor, or None."""
+    entry = find_family(model_type)
+    return entry.processor_class if entry is not None else None
 
 
 def image_text_processor(location: str, model_type: str) -> Any:
@@ -30,7 +37,7 @@ def image_text_processor(location: str, model_type: str) -> Any:
     import transformers
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    base = getattr(transformers, VIDEO_FAMILIES[model_type])
+    base = getattr(transformers, video_processor_class(model_type))
     cls = type(base.__name__, (base,), {
         "__module__": base.__module__,
         "__doc__": f"{base.__name__} for images and text only (no video processor: torchvision is not installed).",

@@ -21,18 +21,10 @@ before the LLM (PAR's router) states its multiply-adds in ``Plan.overhead``; the
 Vision-side methods (VisPruner, HoloV) state there the vision scores they read (`vision_score_macs`:
 one q/k projection of one tower layer and its score rows) and their own similarity products.
 
-Vision tower, as transformers runs it (every layer, whatever ``vision_feature_layer`` selects)::
-
-    CLIP (LLaVA-1.5, LLaVA-NeXT), per tile of P patches + CLS = N tokens, width c, MLP width mc:
-        patch conv  P * (C*p*p) * c;  per layer  4*N*c^2 + 2*N^2*c + 2*N*c*mc
-    Qwen2-VL, per image of t x h x w patches (P = t*h*w), width c:
-        patch conv  P * (C*tp*p*p) * c;  per block  4*P*c^2 + 2*c*t*(h*w)^2 + 2*P*c*(c*mlp_ratio)
-        (attention within each frame)
-    Qwen2.5-VL: SwiGLU MLP 3*P*c*m, and outside ``fullatt_block_indexes`` attention within each
-        window (``window_size`` pixels square; edge windows are smaller): 2*c*sum(window^2)
-
-Projector: LLaVA's linear-act-linear over each tile's selected features (``c*k -> d -> d``, k feature
-layers); Qwen's merger over ``P / merge^2`` rows (``c*merge^2 -> c*merge^2 -> d``).
+Vision tower and projector: each family's adapter prices them (``Adapter.vision_cost``; the formulas
+are in `vlmprune.models.vision_cost`), as transformers runs them (every layer, whatever
+``vision_feature_layer`` selects): CLIP tiles for LLaVA-1.5 / LLaVA-NeXT, every patch of each image
+for Qwen2-VL / Qwen2.5-VL (attention within frames, or Qwen2.5-VL's windows).
 
 Papers' convention (FastV, Chen et al. 2024, arXiv:2403.06764): a decoder layer over ``n``
 tokens costs ``4*n*d^2 + 2*n^2*d + 2*n*d*m`` "FLOPs", summed over the layers run; reported as
@@ -50,8 +42,8 @@ import torch
 from ..engine.plan import Plan
 from ..engine.stats import RunStats
 from ..errors import VlmpruneError
+from ..models import FAMILIES, family, find_family
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids")
 
 
@@ -188,110 +180,6 @@ def lm_share(text_config, counts: LMCounts) -> float:
 
 
 # ---------------------------------------------------------------------------------------- vision side
-def _clip_image(config) -> tuple[int, int, int]:
-    """(tokens per image fed to the LLM, tower MACs, projector MACs) of one CLIP tile / LLaVA-1.5 image."""
-    vc = config.vision_config
-    if vc.model_type != "clip_vision_model":
-        raise VlmpruneError(f"pricing a {vc.model_type} vision tower is not supported (supported: clip_vision_model)")
-    p, c, mc = vc.patch_size, vc.hidden_size, vc.intermediate_size
-    patches = (vc.image_size // p) ** 2
-    n = patches + 1  # + CLS
-    conv = patches * vc.num_channels * p * p * c
-    layer = 4 * n * c * c + 2 * n * n * c + 2 * n * c * mc
-    selected = patches + (config.vision_feature_select_strategy == "full")
-    n_feature_layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
-    d = config.text_config.hidden_size
-    projector = selected * (c * n_feature_layers * d + d * d)
-    return selected, conv + vc.num_hidden_layers * layer, projector
-
-
-def _llava_images(config, n_visual, pixel_values, image_sizes, image_grid_thw) -> list[tuple[int, int, int]]:
-    tokens, tower, projector = _clip_image(config)
-    if any(n % tokens for n in n_visual):
-        raise VlmpruneError(f"LLaVA images give {tokens} visual tokens each; a sample has {n_visual} visual tokens")
-    n_images = sum(n_visual) // tokens
-    if pixel_values is not None and pixel_values.shape[0] != n_images:
-        raise VlmpruneError(f"pixel_values holds {pixel_values.shape[0]} images but the prompts have {n_images}")
-    return [(tokens, tower, projector)] * n_images
-
-
-def _llava_next_images(config, n_visual, pixel_values, image_sizes, image_grid_thw) -> list[tuple[int, int, int]]:
-    from transformers.models.llava_next.modeling_llava_next import (
-        get_anyres_image_grid_shape,
-        image_size_to_num_patches,
-        unpad_image,
-    )
-
-    if image_sizes is None:
-        if sum(n_visual) == 0:
-            return []
-        raise VlmpruneError("pricing LLaVA-NeXT's vision tower needs image_sizes (pass the inputs: flops(pm, stats, **inputs))")
-    per_tile, tower, projector = _clip_image(config)
-    vc = config.vision_config
-    side = vc.image_size // vc.patch_size
-    out = []
-    for size in torch.as_tensor(image_sizes).tolist():
-        tiles = image_size_to_num_patches(size, config.image_grid_pinpoints, vc.image_size)
-        if tiles > 1:  # base tile + the unpadded grid of the others, a newline token ending each row
-            rows, cols = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, vc.image_size)
-            grid = unpad_image(torch.empty(1, rows * side, cols * side, device="meta"), size)
-            tokens = per_tile + grid.shape[1] * (grid.shape[2] + 1)
-        else:
-            tokens = per_tile + 1
-        out.append((tokens, tiles * tower, tiles * projector))
-    return out
-
-
-def llava_next_tokens(config, size) -> int:
-    """Visual tokens LLaVA-NeXT gives an image of `size` (height, width): the base tile, the unpadded
-    grid of the other tiles and a newline ending each of its rows (transformers' anyres helpers)."""
-    return _llava_next_images(config, [1], None, [[int(size[0]), int(size[1])]], None)[0][0]
-
-
-def _window_sizes(vc, h: int, w: int) -> list[int]:
-    """Qwen2.5-VL: patches in each attention window of one frame (windows of ``window_size`` pixels
-    over the merged grid; edge windows hold what is left)."""
-    merge = vc.spatial_merge_size
-    size = vc.window_size // merge // vc.patch_size  # window side in merged tokens
-    gh, gw = h // merge, w // merge
-    rows = [min(size, gh - i) for i in range(0, gh, size)]
-    cols = [min(size, gw - j) for j in range(0, gw, size)]
-    return [r * c * merge * merge for r in rows for c in cols]
-
-
-def _qwen_images(config, n_visual, pixel_values, image_sizes, image_grid_thw) -> list[tuple[int, int, int]]:
-    if image_grid_thw is None:
-        if sum(n_visual) == 0:
-            return []
-        raise VlmpruneError(
-            f"pricing the {config.model_type} vision tower needs image_grid_thw (pass the inputs: flops(pm, stats, **inputs))"
-        )
-    vc = config.vision_config
-    qwen25 = config.model_type == "qwen2_5_vl"
-    c = vc.hidden_size if qwen25 else vc.embed_dim
-    merge = vc.spatial_merge_size
-    out_dim = vc.out_hidden_size if qwen25 else vc.hidden_size
-    out = []
-    for t, h, w in torch.as_tensor(image_grid_thw).tolist():
-        patches = t * h * w
-        conv = patches * vc.in_channels * vc.temporal_patch_size * vc.patch_size**2 * c
-        full_attn = 2 * c * t * (h * w) ** 2  # attention within each frame
-        if qwen25:
-            mlp = 3 * patches * c * vc.intermediate_size
-            window_attn = 2 * c * t * sum(s * s for s in _window_sizes(vc, h, w))
-            attn = [full_attn if i in vc.fullatt_block_indexes else window_attn for i in range(vc.depth)]
-        else:
-            mlp = 2 * patches * c * int(c * vc.mlp_ratio)
-            attn = [full_attn] * vc.depth
-        tower = conv + sum(4 * patches * c * c + a + mlp for a in attn)
-        merged, width = patches // merge**2, c * merge**2
-        out.append((merged, tower, merged * (width * width + width * out_dim)))
-    return out
-
-
-VISION_PRICERS = {"llava": _llava_images, "llava_next": _llava_next_images, "qwen2_vl": _qwen_images, "qwen2_5_vl": _qwen_images}
-
-
 def _by_sample(images: list[tuple], n_visual: Sequence[int]) -> torch.Tensor:
     """``[B, k]`` the sums over each sample's images of ``(tokens, *k costs)`` rows: images are assigned
     to samples in order, by the visual tokens each gives the LLM."""
@@ -317,7 +205,8 @@ def vision_macs(config, n_visual: Sequence[int], pixel_values=None, image_sizes=
     """``[B]`` MACs of the vision tower and of the projector for each sample's images.
 
     Images are assigned to samples in order, by the visual tokens each gives the LLM."""
-    images = VISION_PRICERS[config.model_type](config, list(n_visual), pixel_values, image_sizes, image_grid_thw)
+    cost = family(config.model_type).vision_cost
+    images = cost.images(config, list(n_visual), pixel_values, image_sizes, image_grid_thw)
     costs = _by_sample(images, n_visual)
     if not images:
         return costs.new_zeros(len(n_visual)), costs.new_zeros(len(n_visual))
@@ -326,29 +215,11 @@ def vision_macs(config, n_visual: Sequence[int], pixel_values=None, image_sizes=
 
 def vision_score_macs(config, n_visual: Sequence[int], pixel_values=None, image_sizes=None, image_grid_thw=None):
     """``[B]`` MACs that ``PreparedInputs.vision_scores()`` spends on each sample's images (the adapters'
-    ``_cls_scores`` / ``_received_scores``), for methods that state them in ``Plan.overhead``::
-
-        CLIP (LLaVA-1.5, LLaVA-NeXT), per tile of N = P + 1 tokens, width c, in the scored layer:
-            keys N*c^2 + the CLS query c^2 + its score row N*c
-        Qwen2-VL / Qwen2.5-VL, per image of P patches, width c, in the last vision block:
-            q, k, v 3*P*c^2 + every query against every key of its attention segment c*sum(segment^2)
-            (the frame, or Qwen2.5-VL's windows when the last block is not a full-attention block)
-    """
-    images = VISION_PRICERS[config.model_type](config, list(n_visual), pixel_values, image_sizes, image_grid_thw)
-    vc = config.vision_config
-    if config.model_type.startswith("llava"):
-        n, c = (vc.image_size // vc.patch_size) ** 2 + 1, vc.hidden_size
-        per_tile = n * c * c + c * c + n * c
-        _, clip_tower, _ = _clip_image(config)
-        rows = [(tokens, tower // clip_tower * per_tile) for tokens, tower, _ in images]  # tower = tiles * clip_tower
-    else:
-        qwen25 = config.model_type == "qwen2_5_vl"
-        c = vc.hidden_size if qwen25 else vc.embed_dim
-        full = not qwen25 or (vc.depth - 1) in vc.fullatt_block_indexes
-        rows = []
-        for (tokens, _, _), (t, h, w) in zip(images, torch.as_tensor(image_grid_thw).tolist() if images else []):
-            segments = [h * w] * t if full else [s for _ in range(t) for s in _window_sizes(vc, h, w)]
-            rows.append((tokens, 3 * t * h * w * c * c + c * sum(s * s for s in segments)))
+    ``_cls_scores`` / ``_received_scores``), for methods that state them in ``Plan.overhead``; each
+    family's ``vision_cost.score_rows`` prices them (formulas in `vlmprune.models.vision_cost`)."""
+    cost = family(config.model_type).vision_cost
+    images = cost.images(config, list(n_visual), pixel_values, image_sizes, image_grid_thw)
+    rows = cost.score_rows(config, images, image_grid_thw)
     costs = _by_sample(rows, n_visual)
     return costs[:, 0].clone() if rows else costs.new_zeros(len(n_visual))
 
@@ -419,7 +290,7 @@ class FlopsReport:
 
 def _config_of(model: Any):
     config = getattr(model, "config", model)
-    if not hasattr(config, "get_text_config") or getattr(config, "model_type", None) not in FAMILIES:
+    if not hasattr(config, "get_text_config") or find_family(getattr(config, "model_type", None)) is None:
         raise VlmpruneError(
             f"flops() takes a vlmprune.PrunedModel, a transformers VLM or its config of a supported family "
             f"({', '.join(FAMILIES)}); got {type(model).__name__}"

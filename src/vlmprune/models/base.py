@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import VlmpruneError
+from .vision_cost import VisionCost
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -218,10 +219,53 @@ class PreparedInputs:
 
 
 class Adapter:
-    """Base adapter. Subclasses set `families` (config.model_type values) and implement `prepare`."""
+    """Base adapter; a family's adapter class is its entry in the family registry (`register_family`).
 
-    families: tuple[str, ...] = ()
+    A subclass implements `prepare` and sets what the rest of vlmprune asks about its family:
+    ``model_type`` (the ``config.model_type`` it serves), ``model_class`` (the transformers class that
+    loads it: its name in ``transformers``, or the class itself), ``label`` (a human name for
+    messages), ``vision_blocks`` (the dotted path, from the top-level model, of the vision tower's
+    block list that weight pruning calibrates and prunes), ``vision_cost`` (how `eval.flops` prices its
+    vision tower and projector, `models.vision_cost`), ``processor_class`` (its processor class in
+    ``transformers`` when that one has a video sub-processor needing torchvision, else None),
+    ``downsample`` (whether `Downsample` can re-encode its images at a lower resolution) and
+    ``fixed_resolution`` (every image gives the same visual tokens, as LLaVA-1.5's).
+    """
+
+    model_type: str = ""
+    model_class: str | type = ""
+    label: str = ""
+    vision_blocks: str = ""
+    vision_cost: VisionCost | None = None
+    processor_class: str | None = None
+    downsample: bool = False
+    fixed_resolution: bool = False
     position_axes: int = 1
+
+    @classmethod
+    def class_name(cls) -> str:
+        """The transformers class's name, e.g. ``LlavaForConditionalGeneration``."""
+        return cls.model_class if isinstance(cls.model_class, str) else cls.model_class.__name__
+
+    @classmethod
+    def description(cls) -> str:
+        """The family as messages name it, e.g. ``LlavaForConditionalGeneration (LLaVA-1.5)``."""
+        return f"{cls.class_name()} ({cls.label})"
+
+    @classmethod
+    def transformers_class(cls) -> type:
+        """The class that loads this family's checkpoints (``model_class``, looked up in ``transformers``)."""
+        if not isinstance(cls.model_class, str):
+            return cls.model_class
+        import transformers
+
+        found = getattr(transformers, cls.model_class, None)
+        if found is None:
+            raise VlmpruneError(
+                f"{cls.description()}: transformers {transformers.__version__} has no class {cls.model_class}; "
+                "install a transformers version that has it"
+            )
+        return found
 
     def __init__(self, model: nn.Module):
         self.model = model

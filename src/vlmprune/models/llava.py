@@ -21,13 +21,23 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 
 from ..errors import VlmpruneError
 from .base import Adapter, PreparedInputs, execution_device, onloaded
+from .registry import register_family
+from .vision_cost import ClipCost, LlavaNextCost
 
 # vision towers whose first token is a CLS token that attends to every patch (config.vision_config.model_type)
 CLS_TOWERS = ("clip_vision_model",)
 
 
+@register_family
 class LlavaAdapter(Adapter):
-    families = ("llava", "llava_next")
+    """LLaVA-1.5: one CLIP tile per image, its visual tokens one square grid."""
+
+    model_type = "llava"
+    model_class = "LlavaForConditionalGeneration"
+    label = "LLaVA-1.5"
+    vision_blocks = "model.vision_tower.encoder.layers"
+    vision_cost = ClipCost()
+    fixed_resolution = True
 
     def prepare(
         self,
@@ -41,11 +51,7 @@ class LlavaAdapter(Adapter):
         embeds = self.decoder.embed_tokens(input_ids)
         features, record = None, None
         if pixel_values is not None:
-            kwargs = {}
-            if self.config.model_type == "llava_next":
-                if image_sizes is None:
-                    raise VlmpruneError("LLaVA-NeXT needs image_sizes (the processor returns it with pixel_values)")
-                kwargs["image_sizes"] = image_sizes
+            kwargs = self._image_kwargs(image_sizes)
             tower = self.model.model.vision_tower
             layer_idx, why_not = self._scored_layer()
             recording = self._recording_input(tower.encoder.layers[layer_idx]) if why_not is None else nullcontext({})
@@ -59,6 +65,10 @@ class LlavaAdapter(Adapter):
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[None]  # (1, B, L)
         images = {k: v for k, v in dict(pixel_values=pixel_values, image_sizes=image_sizes).items() if v is not None}
         return PreparedInputs(input_ids, embeds, positions, mask, visual, self._grids(visual), record, images)
+
+    def _image_kwargs(self, image_sizes: torch.Tensor | None) -> dict:
+        """The keywords of ``get_image_features`` beside the pixels (LLaVA-1.5: none)."""
+        return {}
 
     # ------------------------------------------------------------------ vision scores
     def _scored_layer(self) -> tuple[int, str | None]:
@@ -101,27 +111,55 @@ class LlavaAdapter(Adapter):
         # the projector's input rows are the selected tokens, in the same (tile, token) order
         selected = projected["args"][0] if projected["args"] else next(iter(projected["kwargs"].values()))
         values = torch.cat([values, selected.to(values.device).float()], dim=-1)
-        if self.config.model_type == "llava":
-            per_token = values.reshape(-1, values.shape[-1])
-        else:
-            n_tiles = [
-                image_size_to_num_patches(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
-                for size in image_sizes
-            ]
-            packed, _ = self.model.model.pack_image_features(
-                list(values.split(n_tiles)),
-                image_sizes,
-                vision_feature_select_strategy=self.config.vision_feature_select_strategy,
-                image_newline=values.new_zeros(values.shape[-1]),
-            )
-            per_token = torch.cat(packed, dim=0)
+        per_token = self._per_token(values, image_sizes)
         width = keys.shape[-1]
         return per_token[:, 1], per_token[:, 2 : 2 + width], per_token[:, 0] > 0, per_token[:, 2 + width :]
 
+    def _per_token(self, values: torch.Tensor, image_sizes: torch.Tensor | None) -> torch.Tensor:
+        """``[tiles, tokens, v]`` per-patch values as ``[N, v]`` in visual-token order (LLaVA-1.5: one
+        tile per image, its tokens in order)."""
+        return values.reshape(-1, values.shape[-1])
+
     def _grids(self, visual: torch.Tensor) -> list:
-        """LLaVA-1.5's visual tokens form one square grid per image; LLaVA-NeXT's tiles do not."""
+        """LLaVA-1.5's visual tokens form one square grid per image."""
         grids = []
         for n in visual.sum(1).tolist():
             side = int(round(n**0.5))
-            grids.append((side, side) if self.config.model_type == "llava" and side * side == n and n else None)
+            grids.append((side, side) if side * side == n and n else None)
         return grids
+
+
+@register_family
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA-NeXT: anyres CLIP tiles per image, unpadded, a newline token ending each row."""
+
+    model_type = "llava_next"
+    model_class = "LlavaNextForConditionalGeneration"
+    label = "LLaVA-NeXT"
+    vision_cost = LlavaNextCost()
+    downsample = True
+    fixed_resolution = False
+
+    def _image_kwargs(self, image_sizes: torch.Tensor | None) -> dict:
+        if image_sizes is None:
+            raise VlmpruneError("LLaVA-NeXT needs image_sizes (the processor returns it with pixel_values)")
+        return {"image_sizes": image_sizes}
+
+    def _per_token(self, values: torch.Tensor, image_sizes: torch.Tensor | None) -> torch.Tensor:
+        """The tiles' values packed by the model's own layout (tiles + unpadding + newlines; a newline
+        token gets the zero vector)."""
+        n_tiles = [
+            image_size_to_num_patches(size, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
+            for size in image_sizes
+        ]
+        packed, _ = self.model.model.pack_image_features(
+            list(values.split(n_tiles)),
+            image_sizes,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+            image_newline=values.new_zeros(values.shape[-1]),
+        )
+        return torch.cat(packed, dim=0)
+
+    def _grids(self, visual: torch.Tensor) -> list:
+        """LLaVA-NeXT's tiles and newlines form no single grid."""
+        return [None] * visual.shape[0]

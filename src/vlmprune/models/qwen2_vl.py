@@ -23,12 +23,23 @@ from transformers.vision_utils import get_vision_window_index
 
 from ..errors import VlmpruneError
 from .base import Adapter, PreparedInputs, execution_device, onloaded
+from .registry import register_family
+from .vision_cost import Qwen25Cost, QwenCost
 
 SCORE_BLOCK = 2**24  # attention probabilities materialised at once when summing columns (64 MiB in float32)
 
 
+@register_family
 class Qwen2VLAdapter(Adapter):
-    families = ("qwen2_vl", "qwen2_5_vl")
+    """Qwen2-VL: the tower's blocks attend within each image."""
+
+    model_type = "qwen2_vl"
+    model_class = "Qwen2VLForConditionalGeneration"
+    label = "Qwen2-VL"
+    vision_blocks = "model.visual.blocks"
+    vision_cost = QwenCost()
+    processor_class = "Qwen2VLProcessor"
+    downsample = True
     position_axes = 3
 
     def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -109,14 +120,14 @@ class Qwen2VLAdapter(Adapter):
         keys = keys.view(-1, unit, keys.shape[-1]).mean(1)
         merger_in = merged["args"][0] if merged["args"] else next(iter(merged["kwargs"].values()))
         features = merger_in.to(dominance.device).float().reshape(dominance.shape[0], -1)  # (N, unit * D)
-        if self.config.model_type == "qwen2_5_vl":  # blocks run in window order; tokens leave in image order
-            vcfg = self.config.vision_config
-            window_index, _ = get_vision_window_index(
-                image_grid_thw, vcfg.spatial_merge_size, vcfg.window_size, vcfg.patch_size
-            )
-            order = torch.argsort(window_index.to(dominance.device))
+        order = self._image_order(image_grid_thw, dominance.device)
+        if order is not None:
             dominance, keys, features = dominance[order], keys[order], features[order]
         return dominance, keys, torch.ones_like(dominance, dtype=torch.bool), features
+
+    def _image_order(self, image_grid_thw: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+        """The permutation from the tower's token order to the images' (None: the same order)."""
+        return None
 
     def _grids(self, visual: torch.Tensor, image_grid_thw: torch.Tensor | None) -> list:
         """One (rows, cols) grid per sample holding exactly one image (after the 2x2 patch merge)."""
@@ -134,3 +145,20 @@ class Qwen2VLAdapter(Adapter):
                 count += 1
             grids.append(shape if count == 1 else None)
         return grids
+
+
+@register_family
+class Qwen2_5_VLAdapter(Qwen2VLAdapter):
+    """Qwen2.5-VL: windowed attention outside ``fullatt_block_indexes``, blocks run in window order."""
+
+    model_type = "qwen2_5_vl"
+    model_class = "Qwen2_5_VLForConditionalGeneration"
+    label = "Qwen2.5-VL"
+    vision_cost = Qwen25Cost()
+    processor_class = "Qwen2_5_VLProcessor"
+
+    def _image_order(self, image_grid_thw: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Blocks run in window order; tokens leave in image order (the tower's own window index)."""
+        vcfg = self.config.vision_config
+        window_index, _ = get_vision_window_index(image_grid_thw, vcfg.spatial_merge_size, vcfg.window_size, vcfg.patch_size)
+        return torch.argsort(window_index.to(device))

@@ -76,13 +76,13 @@ def calibration_batches(model: nn.Module, processor_or_tokenizer, n: int, seed: 
     """Calibration data for `model`: `n` samples of `data` (a source `vlmprune.data.read_examples`
     reads for a VLM, `read_texts` for a causal LM), or by default FashionScenes training scenes for
     the testbed recipe and CPython's documentation text for a causal LM. Any other VLM needs `data`."""
-    from ..models import ADAPTERS
+    from ..models import find_family
     from ..testbed.recipe import is_recipe
 
     if processor_or_tokenizer is None:
         raise VlmpruneError("the checkpoint has no tokenizer or processor saved beside it; calibration needs one")
     tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
-    is_vlm = getattr(model.config, "model_type", None) in ADAPTERS
+    is_vlm = find_family(getattr(model.config, "model_type", None)) is not None
     if data is not None and str(data) != "testbed":
         return data_batches(model, processor_or_tokenizer, data, n, is_vlm, read_options or {})
     if is_vlm:

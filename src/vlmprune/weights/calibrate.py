@@ -40,13 +40,6 @@ from tqdm.auto import tqdm
 from ..errors import VlmpruneError
 from .local import InputStats
 
-# config.model_type -> the vision tower's block list, as an attribute path from the top-level model
-VISION_BLOCKS = {
-    "llava": "model.vision_tower.encoder.layers",
-    "llava_next": "model.vision_tower.encoder.layers",
-    "qwen2_vl": "model.visual.blocks",
-    "qwen2_5_vl": "model.visual.blocks",
-}
 REGEX_PREFIX = "re:"  # a name pattern starting with this is a regular expression (re.search), else fnmatch-style
 
 
@@ -94,9 +87,9 @@ def _module_at(model: nn.Module, path: str) -> nn.Module | None:
 
 def _adapter(model: nn.Module):
     """The vlmprune adapter of a supported VLM, or None for a plain causal LM."""
-    from ..models import ADAPTERS, adapter_for
+    from ..models import adapter_for, find_family
 
-    return adapter_for(model) if getattr(model.config, "model_type", None) in ADAPTERS else None
+    return adapter_for(model) if find_family(getattr(model.config, "model_type", None)) is not None else None
 
 
 def model_inputs(model: nn.Module, batch: Mapping) -> dict:
@@ -110,16 +103,18 @@ def model_inputs(model: nn.Module, batch: Mapping) -> dict:
 
 
 def find_stacks(model: nn.Module) -> list[Stack]:
-    """The block stacks in the order they run: the vision tower's blocks (families in `VISION_BLOCKS`),
-    then the language model's decoder layers (``model.get_decoder().layers``)."""
+    """The block stacks in the order they run: the vision tower's blocks (a registered family's
+    ``Adapter.vision_blocks``), then the language model's decoder layers (``model.get_decoder().layers``)."""
     names = {id(m): n for n, m in model.named_modules()}
     stacks = []
     adapter = _adapter(model)
-    vision_path = VISION_BLOCKS.get(getattr(model.config, "model_type", None))
-    if adapter is not None and vision_path is not None:
+    if adapter is not None:
+        vision_path = adapter.vision_blocks
         blocks = _module_at(model, vision_path)
         if not isinstance(blocks, nn.ModuleList):
-            raise VlmpruneError(f"{type(model).__name__} has no vision blocks at {vision_path}; update VISION_BLOCKS")
+            raise VlmpruneError(
+                f"{type(model).__name__} has no vision blocks at {vision_path}; fix {type(adapter).__name__}.vision_blocks"
+            )
         accepted = set(inspect.signature(adapter.prepare).parameters)
         stacks.append(Stack("vision", vision_path, blocks, lambda b: adapter.prepare(**{k: v for k, v in b.items() if k in accepted})))
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import VlmpruneError
 from ..files import write_dir, write_json
-from .calibrate import VISION_BLOCKS
+from ..models import FAMILIES, find_family
 from .prune import SparsityReport, _unwrap
 
 GGUF_SUFFIX = ".gguf"
@@ -35,7 +35,7 @@ def load_for_pruning(
     offload copy at every forward, so its pruning would be lost."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from ..loading import MODEL_CLASSES, _resolve, load, load_options
+    from ..loading import _resolve, load, load_options
 
     placement = dict(device=device, dtype=dtype, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     options = load_options(**placement)  # checked before anything is read
@@ -52,7 +52,7 @@ def load_for_pruning(
         config = AutoConfig.from_pretrained(location)
     except (OSError, ValueError) as err:
         raise VlmpruneError(f"cannot load a model config from {location!r}: {str(err).splitlines()[0]}") from err
-    if config.model_type in MODEL_CLASSES:
+    if find_family(config.model_type) is not None:
         pm = load(path_or_name, **placement)
         check_prunable(pm.model)
         return pm.model, pm.processor
@@ -102,7 +102,7 @@ def plot_sparsity(report: SparsityReport, path) -> Path:
     from matplotlib.figure import Figure  # no pyplot: no global backend, renders with Agg
 
     names = list(report.achieved)
-    vision = tuple(p + "." for p in VISION_BLOCKS.values())
+    vision = tuple(entry.vision_blocks + "." for entry in FAMILIES.values())
     colors = ["tab:orange" if n.startswith(vision) else "tab:blue" for n in names]
     x = range(len(names))
     fig = Figure(figsize=(max(6.0, min(16.0, 0.06 * len(names) + 4)), 3.8))

@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import VlmpruneError
-from ...eval.flops import LMCounts, llava_next_tokens
+from ...eval.flops import LMCounts
+from ...models import FAMILIES as MODEL_FAMILIES
+from ...models.vision_cost import llava_next_tokens
 from ..base import check_keep, keep_count
 from ..registry import register_method
 
-FAMILIES = ("llava_next", "qwen2_vl", "qwen2_5_vl")  # LLaVA-1.5 takes one fixed resolution: see `Downsample`
 IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
 
 
@@ -249,16 +250,17 @@ class Downsample:
     def _images(self, pm, input_ids, mask, image_inputs) -> list[dict]:
         """Per image, in order: its sample, its tokens now, its size now and at the lower resolution, and
         its tokens then."""
-        family = pm.config.model_type
-        if family not in FAMILIES:
-            if family == "llava":
+        family, entry = pm.config.model_type, type(pm.adapter)
+        if not entry.downsample:
+            able = [f for f in MODEL_FAMILIES.values() if f.downsample]
+            if entry.fixed_resolution:
                 raise VlmpruneError(
-                    "downsample cannot lower LLaVA-1.5's visual tokens: it takes every image at one fixed "
+                    f"downsample cannot lower {entry.label}'s visual tokens: it takes every image at one fixed "
                     f"resolution ({pm.config.vision_config.image_size} px, always the same token count); its "
                     "equivalent is pool (vlmprune.Pool(keep=...), 2-D average pooling of the token grid), or use "
-                    "LLaVA-NeXT / Qwen2-VL, whose token count follows the image size"
+                    f"{' / '.join(f.label for f in able)}, whose token count follows the image size"
                 )
-            raise VlmpruneError(f"downsample supports {', '.join(FAMILIES)}, not {family}")
+            raise VlmpruneError(f"downsample supports {', '.join(f.model_type for f in able)}, not {family}")
         visual = (input_ids == pm.adapter.image_token_id) & mask
         counts = visual.sum(1).tolist()
         if not sum(counts):
