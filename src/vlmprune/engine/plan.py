@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import VlmpruneError
+from ..validate import is_integer, is_number
 
 KeepRows = tuple[torch.Tensor, ...]  # one sorted 1-D LongTensor per sample
 
@@ -106,12 +107,12 @@ class Plan:
         if isinstance(overhead, torch.Tensor):
             overhead = overhead.tolist()
         values = list(overhead) if isinstance(overhead, (list, tuple)) else [overhead]
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 for v in values):
+        if any(not is_number(v) or not v >= 0 for v in values):
             raise VlmpruneError(f"Plan.overhead must be multiply-adds >= 0 (a number or one per sample), got {self.overhead!r}")
         object.__setattr__(self, "overhead", tuple(float(v) for v in overhead) if isinstance(overhead, (list, tuple)) else float(overhead))
         keep: dict[int, KeepRows] = {}
         for layer, idx in sorted(dict(self.keep).items()):
-            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            if not is_integer(layer) or layer < 0:
                 raise VlmpruneError(f"Plan.keep layer {layer!r} must be an integer >= 0 (a decoder layer index)")
             keep[layer] = _as_rows(layer, idx)
         sizes = {len(rows) for rows in keep.values()}

@@ -19,6 +19,7 @@ import torch
 from ..engine.plan import Plan
 from ..engine.runner import StageView
 from ..errors import VlmpruneError
+from ..validate import check_share  # re-exported: a method's share field in [0, 1]
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,6 @@ def check_keep(keep: float | int, what: str = "keep") -> None:
         raise VlmpruneError(f"{what}={keep} is outside (0, 1]; give a ratio in (0, 1] or an integer token count")
     if isinstance(keep, int) and keep < 1:
         raise VlmpruneError(f"{what}={keep}: a token count must be >= 1")
-
-
-def check_share(name: str, value, meaning: str) -> None:
-    """A share in [0, 1] (a number, not a bool); the error names the field and what it means."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise VlmpruneError(f"{name}={value!r} is outside [0, 1]: {meaning}")
 
 
 def keep_count(keep: float | int, n_visual: int) -> int:
