@@ -158,11 +158,11 @@ class Compose:
             overlap = set(plan.keep) & set(keep)
             if overlap:
                 raise VlmpruneError(f"two methods drop tokens at layer {sorted(overlap)[0]}; compose methods that act at different layers")
-            if isinstance(plan.skip, tuple):
+            if plan.skip.per_sample:
                 raise VlmpruneError("Compose takes methods whose skip lists are shared by the batch")
             keep.update(plan.keep)
             merge.update(plan.merge)
-            skip |= plan.skip
+            skip |= plan.skip.layers
             policies.extend(pols)
             mine = torch.tensor(plan.overheads(prep.input_ids.shape[0]), dtype=torch.float64)
             overhead = mine if overhead is None else overhead + mine
