@@ -168,7 +168,7 @@ def equivalence(sizes: dict, device: torch.device) -> list[dict]:
             steps = sizes["eq_steps"]
             ref_ids = model.generate(**_hf_inputs(family, inputs, for_generate=True), max_new_tokens=steps, do_sample=False,
                                      eos_token_id=None, pad_token_id=0)[:, -steps:]
-            our_ids = pm.generate(**inputs, max_new_tokens=steps, eos_token_id=None)[:, -steps:]
+            our_ids = pm.generate(**inputs, max_new_tokens=steps, eos_token_id=())[:, -steps:]
             agree, exact = _agreement(our_ids.cpu(), ref_ids.cpu())
             rows.append(dict(family=family, dtype=str(dtype).removeprefix("torch."), max_abs_logit_diff=diff, max_abs_logit=scale,
                              relative_diff=diff / max(scale, 1e-9), greedy_agreement=agree, greedy_exact_share=exact,
@@ -226,8 +226,8 @@ def split(sizes: dict, device: torch.device) -> list[dict]:
                     valid = want.token_index >= 0
                     same_layout = torch.equal(got.token_index.cpu(), want.token_index.cpu())
                     diff = float((got.logits[valid] - want.logits[valid]).abs().max()) if same_layout else float("inf")
-                    want_ids = ref.generate(**inputs, prune=decision(), max_new_tokens=steps, eos_token_id=None)[:, -steps:]
-                    got_ids = pm.generate(**inputs, prune=decision(), max_new_tokens=steps, eos_token_id=None)[:, -steps:]
+                    want_ids = ref.generate(**inputs, prune=decision(), max_new_tokens=steps, eos_token_id=())[:, -steps:]
+                    got_ids = pm.generate(**inputs, prune=decision(), max_new_tokens=steps, eos_token_id=())[:, -steps:]
                     agree, exact = _agreement(got_ids.cpu(), want_ids.cpu())
                     rows.append(dict(family=family, split=how, prune=name, devices=[str(d) for d in pm.devices],
                                      max_abs_logit_diff=diff, greedy_agreement=agree, greedy_exact_share=exact,

@@ -59,9 +59,9 @@ def parse_plan(text: str | None, skip: str | None = None) -> Plan | None:
             layers = [int(s) for s in skip.split(",") if s.strip()]
         except ValueError as err:
             raise VlmpruneError(f"--skip takes comma-separated layer indices, got {skip!r}") from err
-        if plan is not None and isinstance(plan.skip, tuple):
+        if plan is not None and plan.skip.per_sample:
             raise VlmpruneError("--skip cannot be combined with a plan whose skip lists are per sample")
-        skipped = sorted(set(layers) | set(plan.skip if plan else ()))
+        skipped = sorted(set(layers) | set(plan.skip.layers if plan else ()))
         plan = replace(plan, skip=skipped) if plan else Plan(skip=skipped)  # keep, merge and overhead stay
     return plan
 

@@ -18,9 +18,6 @@ from .engine.stats import RunStats
 from .models import adapter_for
 from .models.base import PreparedInputs
 
-FROM_CONFIG = "from-config"  # eos_token_id default: the model's generation config
-
-
 @dataclass
 class PrunedOutput:
     """``logits [B, L_out, V]`` for the tokens that reached the head, in original order; ``token_index``
@@ -197,7 +194,7 @@ class PrunedModel:
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
-        eos_token_id: int | Sequence[int] | None | str = FROM_CONFIG,
+        eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         seed: int | None = None,
         return_dict: bool = False,
@@ -205,7 +202,7 @@ class PrunedModel:
     ) -> torch.Tensor | GenerationResult:
         """Generate up to `max_new_tokens` per sample; returns prompt + new ids like transformers' generate.
 
-        `eos_token_id` defaults to the model's generation config; a finished sample is padded with
+        `eos_token_id`: None (default) takes the model's generation config's, ``()`` stops at no token; a finished sample is padded with
         `pad_token_id` (default: the generation config's, else the first eos id) and generation stops when all have finished.
         Sampling is reproducible from `seed`.
         """
@@ -218,7 +215,7 @@ class PrunedModel:
                 f"{limit} positions; lower max_new_tokens or shorten the prompt"
             )
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
-        eos = self._eos_ids(eos_token_id)
+        eos = self.eos_ids(eos_token_id)
         if pad_token_id is None:  # as transformers: the generation config's pad id, else the first eos id
             pad_token_id = getattr(getattr(self.model, "generation_config", None), "pad_token_id", None)
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
@@ -287,8 +284,10 @@ class PrunedModel:
             rows.append(logits.float().log_softmax(-1))
         return torch.stack(rows, 1), res.stats
 
-    def _eos_ids(self, eos_token_id) -> list[int]:
-        if isinstance(eos_token_id, str) and eos_token_id == FROM_CONFIG:
+    def eos_ids(self, eos_token_id: int | Sequence[int] | None = None) -> list[int]:
+        """The end-of-sequence ids generation stops at: `eos_token_id`'s (``()``: none), or with None the
+        generation config's (none when it has none); ids outside the vocabulary are dropped."""
+        if eos_token_id is None:
             gen = getattr(self.model, "generation_config", None)
             eos_token_id = getattr(gen, "eos_token_id", None)
         if eos_token_id is None:

@@ -77,8 +77,8 @@ def _same(ref, pm, family, prune):
     torch.testing.assert_close(got.logits[valid], want.logits[valid], atol=1e-5, rtol=0)
     assert torch.equal(got.stats.tokens, want.stats.tokens) and torch.equal(got.stats.kv_entries, want.stats.kv_entries)
     assert torch.equal(got.stats.score_rows, want.stats.score_rows) and torch.equal(got.stats.layers_run, want.stats.layers_run)
-    want_ids = ref.generate(**batch.kwargs(), prune=prune(), max_new_tokens=STEPS, eos_token_id=None)
-    got_ids = pm.generate(**batch.kwargs(), prune=prune(), max_new_tokens=STEPS, eos_token_id=None)
+    want_ids = ref.generate(**batch.kwargs(), prune=prune(), max_new_tokens=STEPS, eos_token_id=())
+    got_ids = pm.generate(**batch.kwargs(), prune=prune(), max_new_tokens=STEPS, eos_token_id=())
     assert torch.equal(got_ids, want_ids)
 
 

@@ -44,7 +44,7 @@ def test_greedy_generation_equals_transformers(tiny_models, family, shape):
     kw = batch.hf_kwargs(family)
     kw.pop("position_ids", None)  # generate derives positions from the mask itself
     ref = model.generate(**kw, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
-    ours = vlmprune.wrap(model).generate(**batch.kwargs(), max_new_tokens=8, eos_token_id=None)
+    ours = vlmprune.wrap(model).generate(**batch.kwargs(), max_new_tokens=8, eos_token_id=())
     assert torch.equal(ours, ref)
 
 
@@ -59,11 +59,11 @@ def test_padded_batch_equals_each_sample_alone(tiny_models, family, side):
     keep = [torch.randperm(n, generator=gen)[: max(1, n // (b + 2))] for b, n in enumerate(batch.n_visual)]
     skip = [[1], [], [1, 4]]
     plan = vlmprune.Plan(keep={2: keep}, skip=skip)
-    out = pm.generate(**batch.kwargs(), prune=plan, max_new_tokens=6, eos_token_id=None, return_dict=True)
+    out = pm.generate(**batch.kwargs(), prune=plan, max_new_tokens=6, eos_token_id=(), return_dict=True)
     for b in range(3):
         alone = sample_inputs(family, batch, b)
         solo_plan = vlmprune.Plan(keep={2: [keep[b]]}, skip=[skip[b]])
-        solo = pm.generate(**alone.kwargs(), prune=solo_plan, max_new_tokens=6, eos_token_id=None, return_dict=True)
+        solo = pm.generate(**alone.kwargs(), prune=solo_plan, max_new_tokens=6, eos_token_id=(), return_dict=True)
         assert torch.equal(out.sequences[b, -6:], solo.sequences[0, -6:])
         for step_batch, step_solo in zip(out.scores, solo.scores):
             torch.testing.assert_close(step_batch[b], step_solo[0], atol=1e-4, rtol=0)
@@ -74,7 +74,7 @@ def test_eos_stops_and_pads_like_transformers(tiny_models):
     model = tiny_models("llava")
     batch = make_batch("llava", model, *SHAPES["batch3-left"])
     pm = vlmprune.wrap(model)
-    free = pm.generate(**batch.kwargs(), max_new_tokens=8, eos_token_id=None)
+    free = pm.generate(**batch.kwargs(), max_new_tokens=8, eos_token_id=())
     eos = int(free[0, -6])  # sample 0's third generated token: it must stop there
     ref = model.generate(**batch.kwargs(), max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0)
     ours = pm.generate(**batch.kwargs(), max_new_tokens=8, eos_token_id=eos, pad_token_id=0)
@@ -82,11 +82,29 @@ def test_eos_stops_and_pads_like_transformers(tiny_models):
     assert int(ours[0, -5]) == 0  # padded after eos
 
 
+def test_eos_default_is_the_generation_configs_and_empty_stops_at_none(tiny_models):
+    model = tiny_models("llava")
+    batch = make_batch("llava", model, *SHAPES["batch3-left"])
+    pm = vlmprune.wrap(model)
+    free = pm.generate(**batch.kwargs(), max_new_tokens=8, eos_token_id=())
+    eos = int(free[0, -6])
+    model.generation_config.eos_token_id = eos
+    try:
+        ref = model.generate(**batch.kwargs(), max_new_tokens=8, do_sample=False, pad_token_id=0)  # the config's eos
+        assert not torch.equal(ref[:, -8:], free[:, -8:])
+        assert torch.equal(pm.generate(**batch.kwargs(), max_new_tokens=8, pad_token_id=0), ref)
+        assert pm.eos_ids() == [eos] and pm.eos_ids(()) == [] and pm.eos_ids([eos, 10**9]) == [eos]
+        assert torch.equal(pm.generate(**batch.kwargs(), max_new_tokens=8, eos_token_id=()), free)
+    finally:
+        model.generation_config.eos_token_id = None
+    assert pm.eos_ids() == []
+
+
 def test_sampling_is_seeded_and_top_p_tiny_is_greedy(tiny_models):
     model = tiny_models("qwen2_vl")
     batch = make_batch("qwen2_vl", model, *SHAPES["batch3-left"])
     pm = vlmprune.wrap(model)
-    kw = dict(**batch.kwargs(), max_new_tokens=6, eos_token_id=None)
+    kw = dict(**batch.kwargs(), max_new_tokens=6, eos_token_id=())
     greedy = pm.generate(**kw)
     assert torch.equal(pm.generate(**kw, do_sample=True, top_p=1e-6, seed=3), greedy)
     a = pm.generate(**kw, do_sample=True, temperature=5.0, seed=7)

@@ -15,7 +15,7 @@ def _keep(batch, ratio, seed=0):
 
 def _check(pm, model, family, batch, plan, keep, drop_from, skip):
     ref_tokens, ref_scores = greedy_reference(model, family, batch, keep, drop_from, skip, steps=8)
-    out = pm.generate(**batch.kwargs(), prune=plan, max_new_tokens=8, eos_token_id=None, return_dict=True)
+    out = pm.generate(**batch.kwargs(), prune=plan, max_new_tokens=8, eos_token_id=(), return_dict=True)
     assert torch.equal(out.sequences[:, -8:], ref_tokens)
     for ours, ref in zip(out.scores, ref_scores):
         torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
@@ -70,7 +70,7 @@ def test_kv_cache_holds_only_what_each_layer_saw(tiny_models, family):
         assert res.cache.keys[layer].shape[2] == int(expected[:, layer].max())
     assert torch.equal(res.stats.visual_tokens[:, 4], kept2) and torch.equal(res.stats.visual_tokens[:, 0], torch.tensor(batch.n_visual))
     # decoding keeps the decision: each running layer grows by one entry per step, skipped ones stay empty
-    out = pm.generate(**batch.kwargs(), prune=plan, max_new_tokens=5, eos_token_id=None, return_dict=True)
+    out = pm.generate(**batch.kwargs(), prune=plan, max_new_tokens=5, eos_token_id=(), return_dict=True)
     grown = expected + 4 * (expected > 0)
     assert torch.equal(out.stats.kv_entries, grown)
 

@@ -113,7 +113,7 @@ def test_generate_until_greedy_stops_and_batching(testbed):
     inputs = encode(samples, testbed.processor.tokenizer)  # the testbed's own encoder, one batch
     seq = testbed.generate(**inputs, prune=vlmprune.build_method("fastv", keep=0.25), max_new_tokens=4)
     tok = testbed.processor.tokenizer
-    eos = set(testbed._eos_ids("from-config"))
+    eos = set(testbed.eos_ids())
     want = []
     for row in seq[:, inputs["input_ids"].shape[1]:].tolist():
         row = row[: next((i for i, t in enumerate(row) if t in eos), len(row))]

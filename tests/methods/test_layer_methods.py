@@ -41,7 +41,7 @@ def test_shortgpt_block_influence_and_choice(tiny_models, family):
     torch.testing.assert_close(torch.tensor(method.scores, dtype=torch.float64), brute, atol=1e-5, rtol=0)
     expected_skip = sorted(torch.argsort(brute)[:2].tolist())
     out = pm(**batches[0].kwargs(), prune=method)
-    assert sorted(out.stats.plan.skip) == expected_skip
+    assert sorted(out.stats.plan.skip.layers) == expected_skip
     assert out.stats.layers_run.sum(1).tolist() == [4, 4]
 
 
@@ -62,7 +62,7 @@ def test_compose_token_and_layer_methods(tiny_models):
     batch = make_batch("llava_next", model, [3, 6], [4, 2], "left")
     pm = vlmprune.wrap(model)
     out = pm(**batch.kwargs(), prune=[vlmprune.FastV(layer=2, keep=0.25), vlmprune.RandomLayers(keep_layers=4, seed=1)])
-    assert 2 in out.stats.plan.keep and len(out.stats.plan.skip) == 2
+    assert 2 in out.stats.plan.keep and len(out.stats.plan.skip.layers) == 2
     assert out.stats.layers_run.sum(1).tolist() == [4, 4]
     with pytest.raises(vlmprune.VlmpruneError, match="two token decisions at layer 2"):
         pm(**batch.kwargs(), prune=vlmprune.Compose(vlmprune.FastV(layer=2), vlmprune.FastV(layer=2, keep=0.5)))

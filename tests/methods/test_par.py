@@ -135,7 +135,7 @@ def test_par_plan_is_the_routers_selection_and_runs_physically(tiny_models, fami
         assert set(plan.keep[0][b].tolist()) == expected
         assert int(out.stats.visual_tokens[b, 0]) == k  # the dropped tokens left the sequence
         skipped = set(scores.layer_logits[b].topk(3, largest=False).indices.tolist())
-        assert set(plan.skip[b]) == skipped
+        assert set(plan.skip.sets[b]) == skipped
         assert not out.stats.layers_run[b, sorted(skipped)].any() and int(out.stats.layers_run[b].sum()) == 3
     # token-only and layer-only versions of the same router
     tok = pm(**batch.kwargs(), prune=PAR.load(path, tokens=0.5, layers=1))
@@ -164,7 +164,7 @@ def test_router_at_layer_k_reads_layer_ks_hidden_states_of_the_unmodified_model(
     k = max(1, round(0.25 * n))
     assert list(plan.keep) == [2]
     assert set(plan.keep[2][0].tolist()) == _balanced_reference(scores.token_logits[0, :n].tolist(), prep.visual_grids[0], k)
-    assert set(plan.skip[0]) == {int(i) + 2 for i in scores.layer_logits[0, 2:].topk(3, largest=False).indices}
+    assert set(plan.skip.sets[0]) == {int(i) + 2 for i in scores.layer_logits[0, 2:].topk(3, largest=False).indices}
     assert out.stats.visual_tokens[0, :2].tolist() == [n, n] and int(out.stats.visual_tokens[0, -1]) == k
     assert out.stats.layers_run[0, :2].all() and int(out.stats.layers_run[0].sum()) == 3
     with pytest.raises(vlmprune.VlmpruneError, match="layers 0..1 always run"):
@@ -192,7 +192,7 @@ def test_par_batch_equals_alone_and_holds_through_decoding(tiny_models, family, 
     # every decode step kept the prefill's decision: skipped layers cache nothing, others hold the kept tokens
     stats = together.stats
     for b in range(2):
-        skipped = sorted(stats.plan.skip[b])
+        skipped = sorted(stats.plan.skip.sets[b])
         assert skipped and (stats.kv_entries[b, skipped] == 0).all()
         ran = [i for i in range(pm.n_layers) if i not in skipped]
         n_text = int(batch.attention_mask[b].sum()) - batch.n_visual[b]

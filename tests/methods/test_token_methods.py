@@ -131,7 +131,7 @@ def test_a_method_in_generate_equals_its_applied_plan(tiny_models):
     pm = vlmprune.wrap(model)
     method = vlmprune.FastV(layer=2, keep=0.2)
     applied = pm(**batch.kwargs(), prune=method).stats.plan
-    kw = dict(**batch.kwargs(), max_new_tokens=6, eos_token_id=None)
+    kw = dict(**batch.kwargs(), max_new_tokens=6, eos_token_id=())
     assert torch.equal(pm.generate(**kw, prune=method), pm.generate(**kw, prune=applied))
 
 

@@ -557,7 +557,7 @@ def test_downsample_is_physical_and_per_sample(tiny_models, family):
         alone = pm(**sample_inputs(family, batch, b).kwargs(), prune=method)
         assert alone.stats.visual_tokens[0, 0] == out.stats.visual_tokens[b, 0], b
         torch.testing.assert_close(alone.last_logits[0], out.last_logits[b], atol=1e-4, rtol=0)
-    kw = dict(max_new_tokens=4, eos_token_id=None)
+    kw = dict(max_new_tokens=4, eos_token_id=())
     generated = pm.generate(**batch.kwargs(), prune=method, **kw)
     assert torch.equal(generated[:, : batch.input_ids.shape[1]], batch.input_ids)
     plain = pm.generate(**ran, **kw)

@@ -5,6 +5,7 @@ from .plan import Plan
 from .runner import LayerPolicy, PrefillResult, StageView, decode_step, prefill
 from .sampling import SamplingConfig
 from .sequence import TokenState
+from .skips import SkippedLayers
 from .stats import RunStats
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "PrefillResult",
     "RunStats",
     "SamplingConfig",
+    "SkippedLayers",
     "StageView",
     "TokenState",
     "decode_step",

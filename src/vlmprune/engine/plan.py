@@ -15,7 +15,8 @@ Semantics (also in the README):
 * Several stages are allowed; indices always refer to the *original* visual-token numbering, and a
   later stage must keep a subset of the earlier one (a dropped token never comes back).
 * ``skip=[i, j]``: decoder layers ``i`` and ``j`` are not run for any sample; ``skip=[[...], [...]]``
-  gives one list per sample.
+  gives one list per sample. Either is held as `SkippedLayers` (``plan.skip``; ``plan.skip_sets(batch)``
+  gives one set per sample).
 * ``merge={K: assign}`` (optional, with a ``keep`` stage at the same K): per sample, a row of length
   ``n_visual`` giving each visual token's target: a kept token it is averaged into, itself for a kept
   token, -1 to discard it. At stage K a kept token's hidden state becomes the mean of every token
@@ -35,6 +36,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import VlmpruneError
+from .skips import SkippedLayers
+from ..validate import is_integer, is_number
 
 KeepRows = tuple[torch.Tensor, ...]  # one sorted 1-D LongTensor per sample
 
@@ -79,14 +82,6 @@ def _as_assign(layer: int, rows: Any) -> KeepRows:
     return tuple(out)
 
 
-def _as_skip(skip: Any) -> tuple[frozenset[int], ...] | frozenset[int]:
-    """A frozenset (same for every sample) or one frozenset per sample."""
-    items = list(skip)
-    if any(isinstance(s, (list, tuple, set, frozenset, torch.Tensor)) for s in items):
-        return tuple(frozenset(int(i) for i in (s.tolist() if isinstance(s, torch.Tensor) else s)) for s in items)
-    return frozenset(int(i) for i in items)
-
-
 @dataclass(frozen=True)
 class Plan:
     """Which visual tokens survive from which layer on, and which decoder layers are skipped.
@@ -97,7 +92,7 @@ class Plan:
     """
 
     keep: Mapping[int, Any] = field(default_factory=dict)
-    skip: Any = ()
+    skip: Any = ()  # normalised to `SkippedLayers`
     merge: Mapping[int, Any] = field(default_factory=dict)
     overhead: Any = 0.0
 
@@ -106,24 +101,21 @@ class Plan:
         if isinstance(overhead, torch.Tensor):
             overhead = overhead.tolist()
         values = list(overhead) if isinstance(overhead, (list, tuple)) else [overhead]
-        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 for v in values):
+        if any(not is_number(v) or not v >= 0 for v in values):
             raise VlmpruneError(f"Plan.overhead must be multiply-adds >= 0 (a number or one per sample), got {self.overhead!r}")
         object.__setattr__(self, "overhead", tuple(float(v) for v in overhead) if isinstance(overhead, (list, tuple)) else float(overhead))
         keep: dict[int, KeepRows] = {}
         for layer, idx in sorted(dict(self.keep).items()):
-            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            if not is_integer(layer) or layer < 0:
                 raise VlmpruneError(f"Plan.keep layer {layer!r} must be an integer >= 0 (a decoder layer index)")
             keep[layer] = _as_rows(layer, idx)
         sizes = {len(rows) for rows in keep.values()}
         if len(sizes) > 1:
             raise VlmpruneError(f"Plan.keep stages disagree on the batch size: {sorted(sizes)}")
-        skip = _as_skip(self.skip)
-        for s in (skip if isinstance(skip, tuple) else (skip,)):
-            if any(i < 0 for i in s):
-                raise VlmpruneError(f"Plan.skip has a negative layer index: {sorted(s)}")
-        if isinstance(skip, tuple) and sizes and len(skip) not in sizes:
-            raise VlmpruneError(f"Plan.skip has {len(skip)} per-sample lists but keep has batch {sizes.pop()}")
-        batches = sizes | ({len(skip)} if isinstance(skip, tuple) else set())
+        skip = SkippedLayers.parse(self.skip)
+        if skip.batch_size is not None and sizes and skip.batch_size not in sizes:
+            raise VlmpruneError(f"Plan.skip has {skip.batch_size} per-sample lists but keep has batch {sizes.pop()}")
+        batches = sizes | ({skip.batch_size} if skip.batch_size is not None else set())
         if isinstance(self.overhead, tuple) and batches and len(self.overhead) not in batches:
             raise VlmpruneError(f"Plan.overhead has {len(self.overhead)} per-sample values but the plan is for batch {batches.pop()}")
         merge: dict[int, KeepRows] = {}
@@ -148,16 +140,15 @@ class Plan:
     @property
     def is_empty(self) -> bool:
         """True when the plan drops nothing and skips nothing."""
-        skips = self.skip if isinstance(self.skip, tuple) else (self.skip,)
-        return not self.keep and not any(skips)
+        return not self.keep and not self.skip
 
     @property
     def batch_size(self) -> int | None:
         """The batch size the plan is written for, or None if it fits any batch."""
         for rows in self.keep.values():
             return len(rows)
-        if isinstance(self.skip, tuple):
-            return len(self.skip)
+        if self.skip.batch_size is not None:
+            return self.skip.batch_size
         return len(self.overhead) if isinstance(self.overhead, tuple) else None
 
     def overheads(self, batch: int) -> tuple[float, ...]:
@@ -166,9 +157,7 @@ class Plan:
 
     def skip_sets(self, batch: int) -> tuple[frozenset[int], ...]:
         """One set of skipped layers per sample."""
-        if isinstance(self.skip, tuple):
-            return self.skip
-        return (self.skip,) * batch
+        return self.skip.for_batch(batch)
 
     def validate(self, n_layers: int, n_visual: Sequence[int]) -> None:
         """Check the plan against a model depth and each sample's visual-token count."""
@@ -205,8 +194,7 @@ class Plan:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:
-        skip = [sorted(s) for s in self.skip] if isinstance(self.skip, tuple) else sorted(self.skip)
-        out = {"keep": {str(k): [r.tolist() for r in rows] for k, rows in self.keep.items()}, "skip": skip}
+        out = {"keep": {str(k): [r.tolist() for r in rows] for k, rows in self.keep.items()}, "skip": self.skip.to_json()}
         if self.merge:
             out["merge"] = {str(k): [r.tolist() for r in rows] for k, rows in self.merge.items()}
         if self.overhead:
@@ -239,5 +227,4 @@ class Plan:
             f"K={k}: keep {'/'.join(str(r.numel()) for r in rows)}{' (merged)' if k in self.merge else ''}"
             for k, rows in self.keep.items()
         ) or "no token stages"
-        skip = [sorted(s) for s in self.skip] if isinstance(self.skip, tuple) else sorted(self.skip)
-        return f"Plan({stages}; skip={skip})"
+        return f"Plan({stages}; skip={self.skip.to_json()})"

@@ -24,6 +24,7 @@ from ..models.base import Adapter, PreparedInputs
 from .cache import LayerwiseKVCache
 from .plan import KeepRows, Plan
 from .sequence import TokenState, decode_mask, prefill_mask
+from .skips import SkippedLayers
 from .stats import RunStats
 
 
@@ -97,19 +98,28 @@ class PrefillResult:
     stats: RunStats
 
 
-def _layer_rows(plan: Plan, batch: int, devices: Sequence[torch.device]) -> list[torch.Tensor | None | str]:
-    """Per layer: None (all samples run it), 'none' (no sample does) or a LongTensor of the samples that
-    do, on that layer's device."""
-    skips = plan.skip_sets(batch)
-    out: list = []
+@dataclass(frozen=True)
+class LayerSamples:
+    """The samples of the batch that run one decoder layer.
+
+    ``rows``: None when every sample runs it, else a LongTensor of the samples that do, on the layer's
+    device (empty when none does: the layer is not run)."""
+
+    rows: torch.Tensor | None = None
+
+    @property
+    def runs(self) -> bool:
+        """Whether some sample runs the layer (read from the tensor's shape, not its values)."""
+        return self.rows is None or self.rows.numel() > 0
+
+
+def _layer_samples(skips: tuple[frozenset[int], ...], devices: Sequence[torch.device]) -> list[LayerSamples]:
+    """Per layer, the samples that run it, from one set of skipped layers per sample."""
+    out = []
     for layer, device in enumerate(devices):
-        running = [b for b in range(batch) if layer not in skips[b]]
-        if len(running) == batch:
-            out.append(None)
-        elif not running:
-            out.append("none")
-        else:
-            out.append(torch.tensor(running, device=device))
+        running = [b for b, skip in enumerate(skips) if layer not in skip]
+        rows = None if len(running) == len(skips) else torch.tensor(running, dtype=torch.long, device=device)
+        out.append(LayerSamples(rows))
     return out
 
 
@@ -198,8 +208,8 @@ def prefill(
     home = place.input
     state = TokenState.from_prepared(prep)
     cache = LayerwiseKVCache(n_layers, batch)
-    layer_rows = _layer_rows(plan, batch, place.layers)
     skips = plan.skip  # grows when a policy skips later layers
+    layer_samples = _layer_samples(skips.for_batch(batch), place.layers)
     stages: dict[int, KeepRows] = dict(plan.keep)
     merges: dict[int, KeepRows] = dict(plan.merge)
     tokens = torch.zeros(batch, n_layers, dtype=torch.long, device=home)  # counters stay on the device
@@ -221,8 +231,8 @@ def prefill(
             if i in decided.merge:
                 merges[i] = decided.merge[i]
             if any(decided.skip_sets(batch)):
-                skips = _later_skips(skips, decided.skip_sets(batch), i)
-                layer_rows = _layer_rows(Plan(skip=skips), batch, place.layers)
+                skips = _later_skips(skips.for_batch(batch), decided.skip_sets(batch), i)
+                layer_samples = _layer_samples(skips.for_batch(batch), place.layers)
         if i in stages:
             state.hidden = state.hidden.to(home)
             state = state.keep_visual(stages[i], merges.get(i))
@@ -230,9 +240,9 @@ def prefill(
             last_layer, last_input = None, None
         tokens[:, i] = state.token_counts()
         visual[:, i] = state.visual_counts()
-        rows = layer_rows[i]
-        if isinstance(rows, str):  # no sample runs this layer
+        if not layer_samples[i].runs:
             continue
+        rows = layer_samples[i].rows  # None: every sample
         if layout is None:  # once per layout: rotary tables and mask for the current tokens
             state.hidden = state.hidden.to(home)
             layout = _Layout(adapter, state, dtype)
@@ -266,18 +276,28 @@ def prefill(
     head_rows = torch.ones(batch, dtype=torch.long) if logits_to_keep == 1 else state.token_counts().cpu()
     input_visual = (prep.visual_mask & prep.attention_mask).sum(1).cpu()
     ran = _layers_run(applied.skip_sets(batch), n_layers)
-    stats = RunStats(tokens.cpu(), visual.cpu(), ran, cache.entries(), applied, cache.nbytes(), input_visual, head_rows,
-                     score_rows.cpu())
+    stats = RunStats(
+        tokens=tokens.cpu(),
+        visual_tokens=visual.cpu(),
+        layers_run=ran,
+        kv_entries=cache.entries(),
+        plan=applied,
+        kv_bytes=cache.nbytes(),
+        input_visual=input_visual,
+        head_rows=head_rows,
+        score_rows=score_rows.cpu(),
+    )
     return PrefillResult(logits, token_index, last_logits, cache, prep.next_position, stats)
 
 
-def _later_skips(skips, decided: tuple[frozenset[int], ...], layer: int) -> tuple[frozenset[int], ...]:
-    """The skip sets so far (shared or per sample) joined with a policy's, which may name only `layer` or later."""
+def _later_skips(
+    skips: tuple[frozenset[int], ...], decided: tuple[frozenset[int], ...], layer: int
+) -> SkippedLayers:
+    """The per-sample skip sets so far joined with a policy's, which may name only `layer` or later."""
     for b, row in enumerate(decided):
         if row and min(row) < layer:
             raise VlmpruneError(f"the decision at layer {layer} skips layer {min(row)} of sample {b}, which has already run")
-    mine = skips if isinstance(skips, tuple) else (skips,) * len(decided)
-    return tuple(frozenset(a) | b for a, b in zip(mine, decided))
+    return SkippedLayers(tuple(a | b for a, b in zip(skips, decided)), per_sample=True)
 
 
 def _restrict(chosen: KeepRows, present: KeepRows, layer: int) -> KeepRows:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import VlmpruneError
+from ..validate import is_share
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if not self.temperature > 0:
             raise VlmpruneError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not is_share(self.top_p, allow_zero=False):
             raise VlmpruneError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise VlmpruneError(f"top_k must be >= 0, got {self.top_k}")

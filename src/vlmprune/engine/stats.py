@@ -9,9 +9,9 @@ import torch
 from .plan import Plan
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunStats:
-    """Per sample and decoder layer (tensors ``[B, n_layers]``).
+    """Per sample and decoder layer (tensors ``[B, n_layers]``); built by keyword.
 
     ``tokens`` / ``visual_tokens``: real tokens (visual ones) in the sequence at that depth, i.e. that a
     layer there processes if it runs. ``layers_run``: whether the layer ran for the sample.

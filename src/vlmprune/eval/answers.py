@@ -72,7 +72,7 @@ def _batches(examples: Sequence[Example], batch_size: int) -> list[Sequence[Exam
 
 def _response(pm: PrunedModel, sequences: torch.Tensor, prompt_len: int) -> Reference:
     new = sequences[:, prompt_len:]
-    eos = set(pm._eos_ids("from-config"))
+    eos = set(pm.eos_ids())
     lengths, texts = [], []
     tokenizer = pm.processor.tokenizer
     for row in new.tolist():

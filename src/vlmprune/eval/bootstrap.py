@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import VlmpruneError
+from ..validate import check_integer, check_share
 
 CHUNK = 1 << 20  # resampled indices drawn at once (bounds memory; the draws do not depend on it)
 
@@ -78,10 +79,9 @@ def paired_bootstrap(a: Sequence, b: Sequence, resamples: int = 1000, seed: int 
     n = x.size
     if n == 0:
         raise VlmpruneError("a and b are empty: give at least one question's correctness")
-    if isinstance(resamples, bool) or not isinstance(resamples, (int, np.integer)) or resamples < 1:
-        raise VlmpruneError(f"resamples must be an integer >= 1, got {resamples!r}")
-    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
-        raise VlmpruneError(f"level={level!r} is outside (0, 1); give the interval's coverage, e.g. 0.95")
+    check_integer(int(resamples) if isinstance(resamples, np.integer) else resamples,
+                  f"resamples must be an integer >= 1, got {resamples!r}", 1)
+    check_share("level", level, "give the interval's coverage, e.g. 0.95", allow_zero=False, allow_one=False)
     rng = np.random.default_rng(seed)
     diffs = np.empty(int(resamples))
     rows = max(1, CHUNK // n)

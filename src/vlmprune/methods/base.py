@@ -19,6 +19,7 @@ import torch
 from ..engine.plan import Plan
 from ..engine.runner import StageView
 from ..errors import VlmpruneError
+from ..validate import check_share  # re-exported: a method's share field in [0, 1]
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,6 @@ def check_keep(keep: float | int, what: str = "keep") -> None:
         raise VlmpruneError(f"{what}={keep} is outside (0, 1]; give a ratio in (0, 1] or an integer token count")
     if isinstance(keep, int) and keep < 1:
         raise VlmpruneError(f"{what}={keep}: a token count must be >= 1")
-
-
-def check_share(name: str, value, meaning: str) -> None:
-    """A share in [0, 1] (a number, not a bool); the error names the field and what it means."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise VlmpruneError(f"{name}={value!r} is outside [0, 1]: {meaning}")
 
 
 def keep_count(keep: float | int, n_visual: int) -> int:
@@ -163,11 +158,11 @@ class Compose:
             overlap = set(plan.keep) & set(keep)
             if overlap:
                 raise VlmpruneError(f"two methods drop tokens at layer {sorted(overlap)[0]}; compose methods that act at different layers")
-            if isinstance(plan.skip, tuple):
+            if plan.skip.per_sample:
                 raise VlmpruneError("Compose takes methods whose skip lists are shared by the batch")
             keep.update(plan.keep)
             merge.update(plan.merge)
-            skip |= plan.skip
+            skip |= plan.skip.layers
             policies.extend(pols)
             mine = torch.tensor(plan.overheads(prep.input_ids.shape[0]), dtype=torch.float64)
             overhead = mine if overhead is None else overhead + mine

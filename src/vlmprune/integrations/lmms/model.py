@@ -184,7 +184,7 @@ class VlmpruneLMM(lmms):
         if count:
             self.totals["generate_until"].add(self.pm, res.stats, inputs, res.prefill_seconds, res.decode_seconds,
                                               res.decode_steps)
-        eos = set(self.pm._eos_ids("from-config"))
+        eos = set(self.pm.eos_ids())
         prompt_tokens = inputs["attention_mask"].sum(1).tolist()
         texts = []
         for b, row in enumerate(res.sequences[:, inputs["input_ids"].shape[1]:].tolist()):

@@ -59,11 +59,9 @@ class Response:
 def greedy_response(pm, inputs: dict, max_tokens: int) -> Response:
     """The unpruned model's greedy response of up to `max_tokens` tokens to a batch of model inputs
     (stops at the generation config's EOS; `PrunedModel.generate`, no pruning)."""
-    from ...pruned_model import FROM_CONFIG
-
     out = pm.generate(**inputs, max_new_tokens=max_tokens, return_dict=True)
     ids = out.sequences[:, inputs["input_ids"].shape[1]:]
-    eos = torch.tensor(pm._eos_ids(FROM_CONFIG), dtype=torch.long, device=ids.device)
+    eos = torch.tensor(pm.eos_ids(), dtype=torch.long, device=ids.device)
     is_eos = torch.isin(ids, eos)
     first = torch.where(is_eos, torch.arange(ids.shape[1], device=ids.device), ids.shape[1]).amin(1)
     lengths = torch.where(is_eos.any(1), first + 1, torch.full_like(first, ids.shape[1]))

@@ -16,6 +16,7 @@ from ...engine.runner import StageView
 from ...errors import VlmpruneError
 from ...eval.flops import LMCounts
 from ...models.base import PreparedInputs
+from ...validate import check_share
 from ..base import check_keep, check_keep_layers, keep_count, layer_count
 from ..budget import sample_shapes
 from ..registry import register_method
@@ -23,10 +24,9 @@ from .checkpoint import load_router, router_path
 from .router import Router, RouterOutput
 
 
-def check_share(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise VlmpruneError(f"{what}={value!r} is outside (0, 1]: give the share kept, e.g. 0.5")
-    return float(value)
+def check_layer_share(layers) -> None:
+    """PAR's `layers`: the share of decoder layers kept, in (0, 1]."""
+    check_share("layers", layers, "give the share kept, e.g. 0.5", allow_zero=False)
 
 
 def plan_from_scores(out: RouterOutput, keep: float | int | None, layers: int | None, token_layer: int, overhead=0.0) -> Plan:
@@ -152,7 +152,7 @@ class PAR(_RouterMethod):
 
     def __post_init__(self) -> None:
         check_keep(self.keep)
-        check_share(self.layers, "layers")
+        check_layer_share(self.layers)
 
     @classmethod
     def load(cls, path: str | Path = "testbed", tokens: float | int = 0.25, layers: float = 0.75) -> "_RouterMethod":
@@ -162,7 +162,7 @@ class PAR(_RouterMethod):
         load_router(path)  # fail early on a missing or corrupt checkpoint
         if layers == 1 and tokens != 1:
             return PARTokens(router=str(path), keep=tokens)
-        check_share(layers, "layers")
+        check_layer_share(layers)
         if tokens == 1:
             return PARLayers(router=str(path), keep_layers=None, layers=layers)
         return cls(router=str(path), keep=tokens, layers=layers)
@@ -199,7 +199,7 @@ class PARLayers(_RouterMethod):
     def __post_init__(self) -> None:
         if self.keep_layers is not None:
             check_keep_layers(self.keep_layers)
-        check_share(self.layers, "layers")
+        check_layer_share(self.layers)
 
     def _budget(self, pm):
         n = self.keep_layers if self.keep_layers is not None else layer_count(self.layers, pm.n_layers)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ...errors import VlmpruneError
+from ...validate import check_integer
 from ...models.base import PreparedInputs
 from ..tiles import balanced_scores
 
@@ -51,12 +52,11 @@ class RouterConfig:
     def __post_init__(self) -> None:
         for name in ("lm_hidden", "n_layers", "position_axes", "width", "heads", "depth", "ffn", "position_features"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise VlmpruneError(f"RouterConfig.{name}={value!r} must be a positive int")
+            check_integer(value, f"RouterConfig.{name}={value!r} must be a positive int", 1)
         if self.width % self.heads:
             raise VlmpruneError(f"RouterConfig.width={self.width} must be divisible by heads={self.heads}")
-        if isinstance(self.token_layer, bool) or not isinstance(self.token_layer, int) or not 0 <= self.token_layer < self.n_layers:
-            raise VlmpruneError(f"RouterConfig.token_layer={self.token_layer!r} must be a decoder layer in 0..{self.n_layers - 1}")
+        check_integer(self.token_layer, f"RouterConfig.token_layer={self.token_layer!r} must be a decoder layer in 0..{self.n_layers - 1}",
+                      0, self.n_layers - 1)
 
     @classmethod
     def for_model(cls, pm, **overrides) -> "RouterConfig":

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ...engine.plan import Plan
 from ...errors import VlmpruneError
+from ...validate import check_integer
 from ..base import Schedule, check_keep, check_layer, keep_count
 from ..registry import register_method
 
@@ -111,14 +112,12 @@ class DART:
 
     def __post_init__(self) -> None:
         check_keep(self.keep)
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
-            raise VlmpruneError(
-                f"DART reads layer K-1's keys and hidden states, so layer K must be an integer >= 1, got {self.layer!r}"
-            )
+        check_integer(
+            self.layer, f"DART reads layer K-1's keys and hidden states, so layer K must be an integer >= 1, got {self.layer!r}", 1
+        )
         for name in ("pivot_image", "pivot_text"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise VlmpruneError(f"DART {name} must be a token count >= 0, got {value!r} (the released default is 4)")
+            check_integer(value, f"DART {name} must be a token count >= 0, got {value!r} (the released default is 4)", 0)
         if self.pivot_image + self.pivot_text == 0:
             raise VlmpruneError(
                 "DART needs at least one pivot: give pivot_image or pivot_text >= 1 (the released default is 4 and 4)"

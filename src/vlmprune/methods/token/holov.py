@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ...engine.plan import Plan
-from ...errors import VlmpruneError
+from ...validate import check_integer, check_number
 from ..base import check_keep, check_layer, keep_count
 from ..registry import register_method
 from .vispruner import tower_scores
@@ -142,13 +142,11 @@ class HoloV:
 
     def __post_init__(self) -> None:
         check_keep(self.keep)
-        if self.crops is not None and (isinstance(self.crops, bool) or not isinstance(self.crops, int) or self.crops < 1):
-            raise VlmpruneError(f"crops={self.crops!r}: give a crop count >= 1, or None for the released rule "
-                                "max(1, int(1024/576 * n / keep))")
-        beta = self.beta
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
-            raise VlmpruneError(f"beta={beta!r} must be a number >= 0: the weight of the similarity variance "
-                                "in a token's score (released: 0.09)")
+        if self.crops is not None:
+            check_integer(self.crops, f"crops={self.crops!r}: give a crop count >= 1, or None for the released rule "
+                          "max(1, int(1024/576 * n / keep))", 1)
+        check_number(self.beta, f"beta={self.beta!r} must be a number >= 0: the weight of the similarity variance "
+                     "in a token's score (released: 0.09)", 0)
 
     def decide(self, pm, prep):
         check_layer(self.layer, pm.n_layers)

@@ -10,6 +10,7 @@ import torch
 
 from ...engine.plan import Plan
 from ...errors import VlmpruneError
+from ...validate import is_integer, is_share
 from ..base import Schedule, check_stages, keep_count, stage_layers
 from ..registry import register_method
 
@@ -37,7 +38,7 @@ class SparseVLM:
 
     def __post_init__(self) -> None:
         check_stages("SparseVLM", self.keep, self.stages)
-        if not 0 <= self.recycle <= 1 or self.cluster_size < 1:
+        if not is_share(self.recycle) or not is_integer(self.cluster_size) or self.cluster_size < 1:
             raise VlmpruneError("SparseVLM needs recycle in [0, 1] and cluster_size >= 1")
 
     def decide(self, pm, prep):
