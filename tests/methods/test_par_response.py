@@ -115,7 +115,7 @@ def test_one_response_token_is_the_first_token_kl(tiny_models):
     first = prefill(pm.adapter, prep, Plan(), logits_to_keep=1).last_logits.float().log_softmax(-1).repeat_interleave(5, 0)
     pruned = prefill(pm.adapter, repeat_prepared(prep, 5), plan, logits_to_keep=1).last_logits.float().log_softmax(-1)
     old = (first.exp() * (first - pruned)).sum(-1).clamp(min=0)
-    torch.testing.assert_close(kl, old, atol=1e-7, rtol=1e-6)  # float32 rounding of the head over more rows (3e-8 seen)
+    torch.testing.assert_close(kl, old, atol=1e-6, rtol=1e-5)  # float32 rounding of the head over more rows (3e-8 seen; 2.6e-7 with one thread)
     torch.testing.assert_close(flow_kl(pm, prep, plan, plain.log_probs, repeats=5), old, atol=1e-6, rtol=1e-5)
     assert response.ids[:, 0].tolist() == pm(**batch.kwargs()).last_logits.argmax(-1).tolist()
 
