@@ -11,8 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...counts import LMCounts
 from ...errors import VlmpruneError
-from ...eval.flops import LMCounts, llava_next_tokens
+from ...eval.flops import llava_next_tokens
 from ..base import check_keep, keep_count
 from ..registry import register_method
 
