@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 import vlmprune
+from vlmprune.data.calibration import CALIBRATION_SEED, scene_batches
 from vlmprune.engine.plan import Plan
 from vlmprune.eval.bootstrap import paired_bootstrap
 from vlmprune.eval.latency import measure_latency
@@ -42,7 +43,7 @@ from vlmprune.methods.par import PAR, PARLayers, PARTokens, load_router
 from vlmprune.methods.par.flows import teacher_pass
 from vlmprune.methods.tiles import balanced_scores
 from vlmprune.testbed import data, eval_set
-from vlmprune.testbed.encode import encode, encode_batches
+from vlmprune.testbed.encode import encode
 
 BASELINES = ("fastv", "pdrop", "sparsevlm", "visionzip", "random", "stratified-random", "pool", "shortgpt", "random-layers")
 HYBRID_LAYERS = (3 / 6, 4 / 6, 5 / 6)
@@ -148,7 +149,7 @@ def main() -> None:
 
     pm = vlmprune.load("testbed")
     samples = eval_set(args.limit)
-    calib = encode_batches(data.generate(64, "train", seed=12345), pm.processor.tokenizer)
+    calib = scene_batches(pm.processor.tokenizer, 64, seed=CALIBRATION_SEED)
     pts = Points(pm, Path(args.json), dict(limit=args.limit))
     result = pts.result
     result["n_layers"] = pm.n_layers

@@ -202,6 +202,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 def _cmd_testbed_train(args: argparse.Namespace) -> None:
     import torch
 
+    from .eval.vqa import evaluate
+    from .loading import wrap
     from .testbed.train import TrainConfig, train
 
     if args.threads:
@@ -212,6 +214,7 @@ def _cmd_testbed_train(args: argparse.Namespace) -> None:
     record = train(
         TrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed, **overrides),
         stop_after=args.stop_after,
+        evaluate=lambda model, processor, samples: evaluate(wrap(model, processor), samples, progress=False),
     )
     if record is None:
         print(f"stopped after step {args.stop_after}; state in {args.out}/state (run again to resume)")

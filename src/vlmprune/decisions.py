@@ -44,10 +44,9 @@ def calibration_inputs(pm, n: int = 64, source: str | None = None, read_options:
         raise VlmpruneError("this method calibrates on data: pass --calib-data FILE (JSONL rows {\"image\": PATH, "
                             "\"prompt\": TEXT}, a folder of images with --prompt, a .parquet file or hf:NAME); "
                             "FashionScenes is the default only for the testbed")
-    from .testbed import data
-    from .testbed.encode import encode_batches
+    from .data.calibration import CALIBRATION_SEED, scene_batches
 
-    return encode_batches(data.generate(n, "train", seed=12345), pm.processor.tokenizer)
+    return scene_batches(pm.processor.tokenizer, n, seed=CALIBRATION_SEED)
 
 
 def build_decision(method: str, options: dict[str, Any] | None = None, flops: float | None = None, pm=None,

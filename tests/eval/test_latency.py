@@ -72,7 +72,7 @@ def test_peak_memory_keeps_the_final_reading_when_the_sampler_lags(monkeypatch):
     """The sampler thread can be descheduled between a reading and recording it; the final reading,
     taken with the result alive, must still count, so the peak never falls below what the result holds
     (with one shared maximum the lagging sampler overwrote it: the flaky memory check above)."""
-    from vlmprune.eval import memory
+    from vlmprune import memory
 
     read, method = memory._cpu_reader()
     if "mallinfo2" not in method:

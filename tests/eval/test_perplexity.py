@@ -11,7 +11,7 @@ from conftest import TEXT
 from vlmprune.errors import VlmpruneError
 from vlmprune.eval.perplexity import heldout_batches, perplexity, token_nll
 from vlmprune.testbed.recipe import build_tokenizer
-from vlmprune.weights.calib_data import text_batches, topic_token_ids
+from vlmprune.data.calibration import text_batches, topic_token_ids
 
 
 def _llama():

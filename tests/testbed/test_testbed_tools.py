@@ -1,6 +1,8 @@
 """The testbed's encoder, cell geometry, decisions and resumable training."""
 
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -76,8 +78,15 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     train(straight, progress=False)
     assert train(interrupted, progress=False, stop_after=2) is None
     assert not (tmp_path / "b" / "model").exists() and (tmp_path / "b" / "state" / "state.json").is_file()
-    record = train(interrupted, progress=False)  # resumes at step 2
-    assert record["log"][-1]["step"] == 4
+    seen = []
+
+    def evaluate(model, processor, samples):  # the held-out hook the CLI fills with eval.vqa.evaluate
+        seen.append((model.training, len(samples)))
+        return SimpleNamespace(accuracy=0.5, per_type={"cell": 0.5})
+
+    record = train(interrupted, progress=False, evaluate=evaluate)  # resumes at step 2
+    assert record["log"][-1]["step"] == 4 and record["log"][-1]["accuracy"] == 0.5 and seen == [(False, 8)]
+    assert "accuracy" not in json.loads((Path(straight.out) / "training.json").read_text())["log"][-1]
     a = load_file(Path(straight.out) / "model" / "model.safetensors")
     b = load_file(Path(interrupted.out) / "model" / "model.safetensors")
     assert a.keys() == b.keys()

@@ -40,7 +40,7 @@ import torch
 from ..engine.runner import decode_step, prefill
 from ..errors import VlmpruneError
 from ..pruned_model import PrunedModel, resolve_prune
-from .memory import peak_memory_growth
+from ..memory import peak_memory_growth
 
 @dataclass
 class LatencyResult:

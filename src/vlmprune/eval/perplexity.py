@@ -1,6 +1,6 @@
 """Perplexity of a causal LM on held-out text: the **end** of CPython's ``pydoc_data.topics`` token
 stream, disjoint from the calibration slice that weight pruning reads from its start
-(`weights.calib_data.text_batches`).
+(`data.calibration.text_batches`).
 
     batches = heldout_batches(tokenizer, n=32, seq_len=256, calibration_tokens=128 * 128)
     print(perplexity(model, batches))   # exp(mean next-token negative log-likelihood)
@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import VlmpruneError
-from ..weights.calib_data import token_rows, topic_token_ids
+from ..data.calibration import token_rows, topic_token_ids
 
 
 def heldout_batches(tokenizer, n: int, seq_len: int = 256, batch_size: int = 8, calibration_tokens: int = 0) -> list[dict]:

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from ..errors import VlmpruneError
 from ..data import Example, example_batches, image_channels
+from ..data.calibration import CALIBRATION_SEED
 from ..methods.base import layer_count
 from ..files import write_json
 from ..pruned_model import PrunedModel
@@ -51,7 +52,6 @@ from .vqa import evaluate
 
 FULL = "full"  # the unpruned model's point
 KEY_FIELDS = ("method", "keep", "options", "limit", "model", "data")
-CALIBRATION_SEED = 12345  # the CLI's calibration scenes (training split)
 FORMAT_VERSION = 1
 
 
@@ -211,7 +211,7 @@ class _Runner:
         return method
 
     def _calibration_batches(self) -> list[dict]:
-        from ..testbed import data
+        from ..data.calibration import scene_batches
         from ..testbed.encode import encode_batches
 
         if self.calibration is not None and all(isinstance(c, dict) for c in self.calibration):
@@ -220,8 +220,9 @@ class _Runner:
             return example_batches(self.pm.processor, list(self.calibration), 16, image_channels(self.pm.config), with_answer=True)
         if self.calibration is None and self.user_data:
             raise VlmpruneError("a sweep on your data calibrates ShortGPT on your data too: pass --calib-data FILE")
-        scenes = self.calibration if self.calibration is not None else data.generate(self.calib, "train", seed=CALIBRATION_SEED)
-        return encode_batches(scenes, self.pm.processor.tokenizer)
+        if self.calibration is not None:  # FashionScenes samples
+            return encode_batches(self.calibration, self.pm.processor.tokenizer)
+        return scene_batches(self.pm.processor.tokenizer, self.calib, seed=CALIBRATION_SEED)
 
     def complete(self, point: dict, spec: _Spec, want_latency: bool, full: dict | None) -> None:
         """Fill in what `point` lacks: the evaluation (if not there yet) and the latency (if wanted)."""

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
+from ..counts import LMCounts, lm_share
 from ..errors import VlmpruneError
-from ..eval.flops import LMCounts, lm_share
 from .base import SampleShape
 
 KNOBS = ("keep", "keep_layers")  # token budget, layer budget

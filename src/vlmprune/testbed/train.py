@@ -9,27 +9,26 @@ embeddings of its cell's class word and cell name (a learned scale is its only p
 part of the saved model). bf16 autocast, AdamW with warm-up and cosine decay.
 
 State (model, aux head, optimizer: safetensors; step and log: JSON) is written atomically every
-`save_every` steps under ``OUT/state``; running the same command again resumes from it.
+`save_every` steps under ``OUT/state`` (`vlmprune.training.ResumableRun`); running the same command
+again resumes from it.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
 from typing import Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..data.calibration import training_scenes
 from ..errors import VlmpruneError
 from ..files import write_dir, write_json
+from ..training import ResumableRun, step_seed
 from . import data
 from .encode import N_VISUAL, cell_token_indices, pixel_values
 from .recipe import build_model, build_processor, build_tokenizer
@@ -37,6 +36,7 @@ from .recipe import build_model, build_processor, build_tokenizer
 DESCRIBE = "describe the image ?"  # "image" is not in the vocabulary: it encodes as <unk>, as the processor would
 INVENTORY = "list the items ?"
 TRAIN_WORDS = ["describe", "list", "items"]  # training-only words, added to the tokenizer after the task's vocabulary
+HELDOUT_SEED_OFFSET = 99_991  # the held-out test-split scenes of a run seeded k: seed k + this
 
 
 @dataclass(frozen=True)
@@ -229,21 +229,6 @@ def drop_empty_cells(
     return out_embeds, out_mask, out_labels, positions
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer, params: list[nn.Parameter]) -> dict[str, torch.Tensor]:
-    out = {}
-    for i, p in enumerate(params):
-        for key, value in opt.state.get(p, {}).items():
-            out[f"{i}.{key}"] = value.detach().clone().reshape(-1) if value.dim() == 0 else value.detach().clone()
-    return out
-
-
-def load_optimizer_tensors(opt: torch.optim.Optimizer, params: list[nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
-    for name, value in tensors.items():
-        i, key = name.split(".", 1)
-        p = params[int(i)]
-        opt.state[p][key] = value.reshape(()) if key == "step" else value.reshape(p.shape)  # safetensors stores 0-d as [1]
-
-
 def _initial_weights(source: Path) -> dict[str, torch.Tensor]:
     """Weights to start from: a saved model directory (transformers checkpoint) or a training state directory."""
     if (source / "config.json").is_file():
@@ -265,18 +250,17 @@ def _command(cfg: TrainConfig) -> str:
     return " ".join(["vlmprune testbed train --out", cfg.out, *flags])
 
 
-def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None) -> dict | None:
+def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None, evaluate=None) -> dict | None:
     """Train (or resume) and save ``OUT/model`` (a transformers checkpoint with its processor) and
     ``OUT/training.json`` (config, time, loss log, held-out accuracy).
 
-    `stop_after` ends the run after that many steps in total, having saved the state (as an
-    interruption would, at a save point); it returns None then.
+    `evaluate(model, processor, samples)`: the held-out accuracy of the model in training, called every
+    `eval_every` steps and at the end on `eval_samples` test-split scenes; it returns an object with
+    ``accuracy`` and ``per_type`` (`eval.vqa.evaluate`'s result: the CLI passes it), which the log
+    records. Without it the log holds the losses only. `stop_after` ends the run after that many steps
+    in total, having saved the state (as an interruption would, at a save point); it returns None then.
     """
-    from ..eval.vqa import evaluate
-    from ..loading import wrap
-
     out = Path(cfg.out)
-    state_dir = out / "state"
     train_source = data.load_fashion_mnist("train")
     test_source = data.load_fashion_mnist("test")
     tokenizer = build_tokenizer(data.vocabulary() + TRAIN_WORDS)
@@ -286,37 +270,17 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     aux = WordAlignment(tokenizer)
     params = list(model.parameters()) + list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
-    start, log, elapsed = 0, [], 0.0
     if cfg.init_from:
         model.load_state_dict(_initial_weights(Path(cfg.init_from)))
-    if (state_dir / "state.json").is_file():
-        state = json.loads((state_dir / "state.json").read_text())
-        if state["config"] != asdict(cfg):
-            raise VlmpruneError(f"{state_dir} holds a run with another configuration; use another --out or delete it")
-        model.load_state_dict(load_file(state_dir / "model.safetensors"))
-        aux.load_state_dict(load_file(state_dir / "aux.safetensors"))
-        load_optimizer_tensors(opt, params, load_file(state_dir / "optimizer.safetensors"))
-        start, log, elapsed = state["step"], state["log"], state["elapsed"]
-    eval_set = data.generate(cfg.eval_samples, "test", seed=cfg.seed + 99_991, source=test_source)
+    run = ResumableRun(out / "state", asdict(cfg), {"model": model, "aux": aux}, opt, params)
+    run.resume()
+    eval_set = data.generate(cfg.eval_samples, "test", seed=cfg.seed + HELDOUT_SEED_OFFSET, source=test_source)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     embed = model.get_input_embeddings()
 
-    def save_state(step: int) -> None:
-        def write(tmp: Path) -> None:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-            save_file(aux.state_dict(), tmp / "aux.safetensors")
-            save_file(optimizer_tensors(opt, params), tmp / "optimizer.safetensors")
-            (tmp / "state.json").write_text(json.dumps(
-                dict(config=asdict(cfg), step=step, log=log, elapsed=elapsed + time.perf_counter() - t_start)
-            ))
-
-        write_dir(state_dir, write)
-
-    t_start = time.perf_counter()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress)
     running = None
-    for step in bar:
-        samples = data.generate(cfg.batch_size, "train", seed=cfg.seed * 1_000_003 + step, source=train_source)
+    for step in run.steps(cfg.steps, cfg.save_every, stop_after, progress, desc="train"):
+        samples = training_scenes(cfg.batch_size, step_seed(cfg.seed, step), train_source)
         n_describe = round(cfg.describe * len(samples))
         n_inventory = round(cfg.inventory * len(samples))
         rng = np.random.default_rng([cfg.seed, step])
@@ -348,20 +312,19 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
         opt.step()
         values = (answer_loss.item(), aux_loss.item())
         running = values if running is None else tuple(0.98 * r + 0.02 * v for r, v in zip(running, values))
-        bar.set_postfix(answer=f"{running[0]:.3f}", cells=f"{running[1]:.3f}", lr=f"{_lr(cfg, step):.1e}")
+        run.bar.set_postfix(answer=f"{running[0]:.3f}", cells=f"{running[1]:.3f}", lr=f"{_lr(cfg, step):.1e}")
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            model.eval()
-            acc = evaluate(wrap(model, processor), eval_set, progress=False)
-            model.train()
-            log.append(dict(step=done, answer_loss=running[0], cell_loss=running[1], accuracy=acc.accuracy, per_type=acc.per_type))
-            bar.write(f"step {done}: held-out accuracy {acc.accuracy:.3f} {acc.per_type}")
-        if done % cfg.save_every == 0 or done == cfg.steps or done == stop_after:
-            save_state(done)
-        if done == stop_after:
-            bar.close()
-            return None
-    elapsed += time.perf_counter() - t_start
+            entry = dict(step=done, answer_loss=running[0], cell_loss=running[1])
+            if evaluate is not None:
+                model.eval()
+                acc = evaluate(model, processor, eval_set)
+                model.train()
+                entry.update(accuracy=acc.accuracy, per_type=acc.per_type)
+                run.bar.write(f"step {done}: held-out accuracy {acc.accuracy:.3f} {acc.per_type}")
+            run.log.append(entry)
+    if run.stopped:
+        return None
 
     model.eval()
 
@@ -372,7 +335,7 @@ def train(cfg: TrainConfig, progress: bool = True, stop_after: int | None = None
     write_dir(out / "model", write_model)
     record = dict(
         command=_command(cfg),
-        config=asdict(cfg), seconds=elapsed, threads=torch.get_num_threads(), log=log,
+        config=asdict(cfg), seconds=run.elapsed, threads=torch.get_num_threads(), log=run.log,
         parameters=sum(p.numel() for p in model.parameters()), torch=torch.__version__,
     )
     write_json(out / "training.json", record)

@@ -12,7 +12,7 @@ from .allocation import (
     uniform,
     zeroth_order_scores,
 )
-from .calib_data import calibration_batches, scene_batches, text_batches
+from ..data.calibration import calibration_batches, scene_batches, text_batches
 from .calibrate import BlockStep, blockwise, dense_input_norms, find_stacks, select_linears
 from .local import (
     InputStats,

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from ..errors import VlmpruneError
-from ..eval.memory import peak_memory_growth
+from ..memory import peak_memory_growth
 from .allocation import (
     SCORES,
     ZEROTH_MODES,

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
+from ...counts import LMCounts
 from ...engine.plan import Plan
 from ...engine.runner import StageView
 from ...errors import VlmpruneError
-from ...eval.flops import LMCounts
 from ...models.base import PreparedInputs
 from ...validate import check_share
 from ..base import check_keep, check_keep_layers, keep_count, layer_count

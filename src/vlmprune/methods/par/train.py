@@ -15,20 +15,18 @@ loser keeps; it is divided by the number of swapped items so one `beta` serves e
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from safetensors.torch import save_file
 
+from ...data.calibration import training_scenes
 from ...errors import VlmpruneError
-from ...files import write_dir
+from ...training import ResumableRun, step_seed
 from .checkpoint import CONFIG, save_router
 from ..base import keep_count, layer_count
 from .flows import NOISE_SCALES, Response, candidate_masks, flow_kl, forced_inputs, greedy_response, plan_from_masks, teacher_pass
@@ -37,7 +35,7 @@ from .router import Router, RouterConfig
 LOSSES = ("preference", "distill")
 TOKEN_BUDGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # visual-token shares sampled in training (plus the requested one)
 LAYER_BUDGETS = (0.5, 0.67, 0.83)  # shares of decoder layers (plus the requested one)
-EVAL_SEED = 424_242  # training scenes for the fixed monitoring batch
+SCENES_SEED_OFFSET = 7  # step s's training scenes: seed `step_seed(seed, s) + 7` (its budget draws: `step_seed(seed, s)`)
 
 
 @dataclass(frozen=True)
@@ -161,11 +159,9 @@ def budget_loss(token_logits, layer_logits, token_share, layer_share) -> torch.T
 
 
 def _training_samples(cfg: RouterTrainConfig, step: int, tokenizer):
-    from ...testbed import data
     from ...testbed.encode import encode
 
-    samples = data.generate(cfg.batch_size, "train", seed=cfg.seed * 1_000_003 + step + 7)
-    return encode(samples, tokenizer)
+    return encode(training_scenes(cfg.batch_size, step_seed(cfg.seed, step) + SCENES_SEED_OFFSET), tokenizer)
 
 
 def _digest(pm, inputs: dict, response_tokens: int) -> str:
@@ -206,9 +202,9 @@ def teacher_response(pm, inputs: dict, response_tokens: int, folder: Path, key: 
     return response, False
 
 
-def train_router(cfg: RouterTrainConfig, pm=None, progress: bool = True, stop_after: int | None = None, batches=None) -> dict | None:
-    """Train (or resume) a router for `cfg.model` (or the given `PrunedModel`) and save it to
-    ``cfg.out`` (``router.safetensors`` + ``router.json`` with the config and the training log).
+def train_router(cfg: RouterTrainConfig, pm, progress: bool = True, stop_after: int | None = None, batches=None) -> dict | None:
+    """Train (or resume) a router for `pm`, the frozen `PrunedModel` (``vlmprune.load(cfg.model)``), and
+    save it to ``cfg.out`` (``router.safetensors`` + ``router.json`` with the config and the training log).
 
     Training state goes to ``OUT/state`` every `save_every` steps; running the same command again
     resumes from it. The teacher's response to each batch is generated once and kept in
@@ -218,13 +214,11 @@ def train_router(cfg: RouterTrainConfig, pm=None, progress: bool = True, stop_af
     e.g. for another model family. `stop_after` stops (saved) after that many steps in total and
     returns None.
     """
-    from ...loading import load
-    from ...testbed.train import load_optimizer_tensors, optimizer_tensors
-
     out = Path(cfg.out)
     if (out / CONFIG).is_file():  # written only when a run has finished
         raise VlmpruneError(f"{out} already holds a trained router; choose another --out or delete it")
-    pm = pm if pm is not None else load(cfg.model)  # frozen: it only runs under no_grad
+    if pm is None:
+        raise VlmpruneError(f"train_router needs the frozen model: pass pm=vlmprune.load({cfg.model!r})")
     if not 0 <= cfg.token_layer < pm.n_layers:
         raise VlmpruneError(f"token_layer={cfg.token_layer} is out of range: the model has decoder layers 0..{pm.n_layers - 1}")
     lowest = min(layer_count(share, pm.n_layers) for _, share in cfg.budgets())
@@ -235,34 +229,15 @@ def train_router(cfg: RouterTrainConfig, pm=None, progress: bool = True, stop_af
     router = Router(RouterConfig.for_model(pm, width=cfg.width, depth=cfg.depth, heads=cfg.heads, ffn=cfg.ffn, token_layer=cfg.token_layer))
     params = list(router.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-    state_dir = out / "state"
-    start, log, elapsed = 0, [], 0.0
-    if (state_dir / "state.json").is_file():
-        state = json.loads((state_dir / "state.json").read_text())
-        if state["config"] != asdict(cfg):
-            raise VlmpruneError(f"{state_dir} holds a run with another configuration; use another --out or delete it")
-        router.load_state_dict(load_file(state_dir / "router.safetensors"))
-        load_optimizer_tensors(opt, params, load_file(state_dir / "optimizer.safetensors"))
-        start, log, elapsed = state["step"], state["log"], state["elapsed"]
+    run = ResumableRun(out / "state", asdict(cfg), {"router": router}, opt, params)
+    run.resume()
 
     budgets = cfg.budgets()
     tokenizer = pm.processor.tokenizer if pm.processor is not None else None
     n_layers = pm.n_layers
-    t_start = time.perf_counter()
-
-    def save_state(step: int) -> None:
-        def write(tmp: Path) -> None:
-            save_file({k: v.contiguous() for k, v in router.state_dict().items()}, tmp / "router.safetensors")
-            save_file(optimizer_tensors(opt, params), tmp / "optimizer.safetensors")
-            (tmp / "state.json").write_text(json.dumps(
-                dict(config=asdict(cfg), step=step, log=log, elapsed=elapsed + time.perf_counter() - t_start)))
-
-        write_dir(state_dir, write)
-
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="router", disable=not progress)
     window: list[dict] = []
-    for step in bar:
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    for step in run.steps(cfg.steps, cfg.save_every, stop_after, progress, desc="router"):
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, step))
         if batches is not None:
             inputs, key = batches[step % len(batches)], f"batch-{step % len(batches):06d}"
         else:
@@ -308,18 +283,13 @@ def train_router(cfg: RouterTrainConfig, pm=None, progress: bool = True, stop_af
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             entry = {"step": done, **{k: sum(w[k] for w in window) / len(window) for k in window[0]}}
-            log.append(entry)
+            run.log.append(entry)
             window = []
-            bar.set_postfix(loss=f"{entry['loss']:.3f}", router_kl=f"{entry['router_kl']:.3f}", mean_kl=f"{entry['mean_kl']:.3f}")
-        if done % cfg.save_every == 0 or done == cfg.steps or done == stop_after:
-            save_state(done)
-        if done == stop_after:
-            bar.close()
-            return None
-    bar.close()
-    elapsed += time.perf_counter() - t_start
+            run.bar.set_postfix(loss=f"{entry['loss']:.3f}", router_kl=f"{entry['router_kl']:.3f}", mean_kl=f"{entry['mean_kl']:.3f}")
+    if run.stopped:
+        return None
     router.eval()
-    record = dict(train=asdict(cfg), budgets=budgets, seconds=elapsed, threads=torch.get_num_threads(),
-                  parameters=sum(p.numel() for p in params), log=log)
+    record = dict(train=asdict(cfg), budgets=budgets, seconds=run.elapsed, threads=torch.get_num_threads(),
+                  parameters=sum(p.numel() for p in params), log=run.log)
     save_router(router, out, record)
     return record

@@ -151,7 +151,7 @@ class DART:
 
     def lm_counts(self, pm, prep):
         """The language model's work as counts (for `AtFlops`), the similarity product included."""
-        from ...eval.flops import LMCounts
+        from ...counts import LMCounts
         from ..budget import sample_shapes
 
         shapes = sample_shapes(prep)

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...counts import LMCounts
 from ...errors import VlmpruneError
-from ...eval.flops import LMCounts
 from ...models import FAMILIES as MODEL_FAMILIES
 from ...models.vision_cost import llava_next_tokens
 from ..base import check_keep, keep_count

@@ -1,5 +1,13 @@
-"""Calibration batches for weight pruning: FashionScenes training scenes for the testbed VLM, CPython's
-own documentation text for plain causal LMs. The shipped evaluation set is never used for calibration."""
+"""Calibration and training data: FashionScenes **training** scenes (the shipped evaluation set is
+never used), CPython's own documentation text for plain causal LMs, or a user's data source.
+
+Every seeded draw of scenes goes through `training_scenes`, with the seed passed by name:
+
+* `CALIBRATION_SEED` (12345): the calibration scenes of methods that calibrate (ShortGPT) in
+  ``vlmprune generate``, the sweep and lmms-eval;
+* weight pruning's ``--seed`` (default 0), through `calibration_batches`;
+* the two trainers' per-step scenes (`vlmprune.training.step_seed`).
+"""
 
 from __future__ import annotations
 
@@ -8,28 +16,39 @@ from torch import nn
 
 from ..errors import VlmpruneError
 
+CALIBRATION_SEED = 12345  # the default calibration scenes of methods that calibrate (ShortGPT)
 TEXT_SEQ_LEN = 128  # tokens per text calibration sequence
 TEXT_BATCH = 8
 SCENE_BATCH = 16
 
 
-def _check_n(n: int) -> int:
+def check_count(n: int) -> int:
+    """`n` if it is a positive number of calibration samples; otherwise the error naming ``--calib``."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise VlmpruneError(f"--calib must be a positive number of calibration samples, got {n!r}")
     return n
 
 
-def scene_batches(tokenizer, n: int, seed: int = 0, batch_size: int = SCENE_BATCH) -> list[dict]:
-    """`n` FashionScenes **training** scenes (prompt + image, no answer) in batches, encoded for the
+def training_scenes(n: int, seed: int, source=None) -> list:
+    """`n` FashionScenes scenes of the **training** split drawn with `seed` (the same scenes for the
+    same `n`, `seed` and source); `source`: Fashion-MNIST's training split as
+    `testbed.data.load_fashion_mnist` returns it, loaded when None."""
+    from ..testbed import data
+
+    return data.generate(n, "train", seed=seed, source=source)
+
+
+def scene_batches(tokenizer, n: int, seed: int, batch_size: int = SCENE_BATCH) -> list[dict]:
+    """`n` training scenes drawn with `seed` (prompt + image, no answer) in batches, encoded for the
     testbed recipe's word-level tokenizer. Needs Fashion-MNIST (the Debian package)."""
     from ..testbed import data
     from ..testbed.encode import encode_batches
 
-    n = _check_n(n)
+    n = check_count(n)
     if "<image>" not in tokenizer.get_vocab():
         raise VlmpruneError(
             "FashionScenes calibration encodes prompts for the testbed recipe's tokenizer, and this model's has no "
-            "'<image>' token; call prune_weights from Python with your own calibration batches"
+            "'<image>' token; give your own calibration data (--data / --calib-data, or batches from Python)"
         )
     try:
         source = data.load_fashion_mnist("train", data.DEFAULT_ROOT)
@@ -38,7 +57,7 @@ def scene_batches(tokenizer, n: int, seed: int = 0, batch_size: int = SCENE_BATC
             f"calibration uses FashionScenes training scenes, which need Fashion-MNIST ({err}); install it with "
             "`apt-get install dataset-fashion-mnist` (the shipped evaluation set is never used for calibration)"
         ) from None
-    return encode_batches(data.generate(n, "train", seed=seed, source=source), tokenizer, batch_size)
+    return encode_batches(training_scenes(n, seed, source), tokenizer, batch_size)
 
 
 def topic_token_ids(tokenizer) -> list[int]:
@@ -62,7 +81,7 @@ def token_rows(ids: list[int], n: int, seq_len: int, batch_size: int) -> list[di
 def text_batches(tokenizer, n: int, seq_len: int = TEXT_SEQ_LEN, batch_size: int = TEXT_BATCH) -> list[dict]:
     """`n` sequences of `seq_len` tokens from the **start** of `topic_token_ids` (a deterministic slice;
     held-out evaluation text comes from the end)."""
-    n = _check_n(n)
+    n = check_count(n)
     ids = topic_token_ids(tokenizer)
     if len(ids) < n * seq_len:
         raise VlmpruneError(
@@ -73,9 +92,10 @@ def text_batches(tokenizer, n: int, seq_len: int = TEXT_SEQ_LEN, batch_size: int
 
 def calibration_batches(model: nn.Module, processor_or_tokenizer, n: int, seed: int = 0, data: str | None = None,
                         read_options: dict | None = None) -> list[dict]:
-    """Calibration data for `model`: `n` samples of `data` (a source `vlmprune.data.read_examples`
-    reads for a VLM, `read_texts` for a causal LM), or by default FashionScenes training scenes for
-    the testbed recipe and CPython's documentation text for a causal LM. Any other VLM needs `data`."""
+    """Weight pruning's calibration data for `model`: `n` samples of `data` (a source `read_examples`
+    reads for a VLM, `read_texts` for a causal LM), or by default FashionScenes training scenes drawn
+    with `seed` for the testbed recipe and CPython's documentation text for a causal LM. Any other VLM
+    needs `data`."""
     from ..models import find_family
     from ..testbed.recipe import is_recipe
 
@@ -102,9 +122,11 @@ def data_batches(model: nn.Module, processor_or_tokenizer, source: str, n: int, 
     """`n` calibration samples from a user's data: image + prompt (+ answer, as the assistant's turn)
     rows through the checkpoint's chat template for a VLM; `TEXT_SEQ_LEN`-token slices of the texts
     for a causal LM."""
-    from ..data import example_batches, image_channels, read_examples, read_texts, take
+    from .batches import example_batches, image_channels
+    from .examples import take
+    from .sources import read_examples, read_texts
 
-    n = _check_n(n)
+    n = check_count(n)
     if is_vlm:
         examples = take(read_examples(source, **read_options), n, "--calib", str(source))
         return example_batches(processor_or_tokenizer, examples, SCENE_BATCH, image_channels(model.config), with_answer=True)
