@@ -265,21 +265,26 @@ def _router_batches(args: argparse.Namespace, cfg, pm) -> list[dict] | None:
 
 
 def _cmd_prune_weights(args: argparse.Namespace) -> None:
-    from .weights import WeightPruneConfig, calibration_batches, check_out_dir, load_for_pruning, prune_weights, save_pruned
+    from .weights import calibration_batches, check_out_dir, config_from, load_for_pruning, prune_weights, save_pruned
 
-    patterns = [p.strip() for p in args.patterns.split(",")] if args.patterns else None
-    config = WeightPruneConfig(
-        method=args.method, local=args.local, sparsity=args.sparsity, nm=args.nm, order=args.order, granularity=args.granularity,
-        cap=args.cap, patterns=patterns, seed=args.seed, score_samples=args.score_samples, score_tokens=args.score_tokens,
-        allocation=args.allocation, zeroth_mode=args.zeroth_mode, score=args.score, owl_lambda=args.owl_lambda, owl_m=args.owl_m,
-    )
+    config = config_from(vars(args))  # every WeightPruneConfig field by name: one flag each (_add_config_args)
     check_out_dir(args.out, args.overwrite)  # validate before the slow load, so bad input fails fast
     model, processor = load_for_pruning(args.model, **_load_kwargs(args))
-    batches = calibration_batches(model, processor, args.calib, seed=args.seed, data=args.data, read_options=_read_options(args))
-    report = prune_weights(model, batches, **dataclasses.asdict(config))
+    batches = calibration_batches(model, processor, args.calib, seed=config.seed, data=args.data, read_options=_read_options(args))
+    report = prune_weights(model, batches, config)
     out = save_pruned(model, processor, report, args.out, overwrite=args.overwrite)
     print(report.summary())
     print(f"pruned checkpoint: {out} (report: sparsity.json)")
+
+
+def _add_config_args(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One flag per field of a config dataclass (``--zeroth-mode`` for ``zeroth_mode``, dest the field's
+    name), with the field's ``metadata["help"]`` and ``metadata["parse"]``; not given: None, which
+    leaves the field's default."""
+    for field in dataclasses.fields(config_class):
+        default = "" if field.default is None or "default" in field.metadata["help"] else f" (default {field.default})"
+        parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=field.metadata.get("parse", str),
+                            help=field.metadata["help"] + default)
 
 
 def _cmd_lmms_eval(args: argparse.Namespace) -> None:
@@ -352,34 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     pw = sub.add_parser("prune-weights", help="prune weights (allocation x local pruner) and save a transformers checkpoint")
     pw.add_argument("--model", required=True, help="checkpoint directory (a supported VLM or a causal LM), a .gguf file "
                     "(causal LM, pip install -e '.[gguf]') or 'testbed'")
-    pw.add_argument("--method", default="uniform", help="sparsity allocation: uniform, owl or ecoflap")
-    pw.add_argument("--local", default="wanda", help="local pruner: wanda, sparsegpt or magnitude")
-    pw.add_argument("--sparsity", type=float, help="overall share of the pruned weights to zero, in [0, 1) (default 0.5)")
-    pw.add_argument("--nm", help="N:M pattern, e.g. 2:4 (keep N of every M; with --method uniform)")
-    pw.add_argument("--order", default="zeroth", help="ECoFLaP importance: zeroth (forward only) or first (backprop)")
-    pw.add_argument("--granularity", default="block", help="one sparsity per block (decoder layer) or per layer (linear)")
-    pw.add_argument("--cap", type=float, default=0.1, help="ECoFLaP: no unit sparser than the target + cap (and, with "
-                    "--allocation clamped, none denser than the target - cap)")
-    pw.add_argument("--allocation", default="released", help="ECoFLaP's scores to sparsities: released (ECoFLaP's code: "
-                    "every unit keeps 1 - (target + cap) first, the rest shared by score) or clamped (keep fractions "
-                    "proportional to the scores, within target +- cap)")
-    pw.add_argument("--zeroth-mode", default="per-matrix", help="ECoFLaP zeroth order: per-matrix (each weight matrix "
-                    "perturbed alone, as ECoFLaP's code) or block (the whole block at once, fewer forwards)")
-    pw.add_argument("--score", help="ECoFLaP importance per matrix: grad (|gradient|) or grad-weight (|w| x |gradient|); "
-                    "default: grad for zeroth order, grad-weight for first, as ECoFLaP's scripts")
-    pw.add_argument("--owl-lambda", type=float, default=0.08, help="OWL's lambda: the sparsities span 2 x lambda (default 0.08)")
-    pw.add_argument("--owl-m", type=float, default=5.0, help="OWL's M: a Wanda score above M x its layer's mean is an outlier (default 5)")
-    pw.add_argument("--score-samples", type=int, help="calibration samples ECoFLaP's scores use (default: 4 for "
-                    "zeroth order, all for first)")
-    pw.add_argument("--score-tokens", type=int, default=64, help="zeroth order: cut each text sample into pieces of "
-                    "this many tokens, one random direction each (0: whole samples)")
-    pw.add_argument("--patterns", help="comma-separated module-name patterns of the linears to prune (default: all in blocks)")
+    from .weights import WeightPruneConfig
+
+    _add_config_args(pw, WeightPruneConfig)
     pw.add_argument("--calib", type=int, default=64, help="calibration samples: rows of --data (for a causal LM, 128-token "
                     "slices of its text); by default FashionScenes training scenes for the testbed, CPython's pydoc "
                     "topics for a causal LM")
     _add_data_args(pw, "calibration data (a VLM other than the testbed needs it; a causal LM reads a text file or "
                    "JSONL {\"text\": ...} rows)")
-    pw.add_argument("--seed", type=int, default=0)
     pw.add_argument("--out", required=True, help="output directory for the pruned checkpoint")
     pw.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _add_device_args(pw)

@@ -179,7 +179,7 @@ def test_first_order_takes_each_samples_gradient_alone():
     """First order = |w| x mean over samples of |dL_i/dw|, each sample's loss alone (padding trimmed),
     as ECoFLaP's batch-1 loader: equal to a brute-force loop over the samples, and not the |gradient|
     of the whole batch, where the signs of different samples cancel."""
-    from vlmprune.weights.prune import calibration_loss
+    from vlmprune.weights.samples import calibration_loss
 
     gen = torch.Generator().manual_seed(6)
     ids = torch.randint(3, 200, (3, 10), generator=gen)
@@ -301,7 +301,7 @@ def test_a_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
 def test_zeroth_order_scores_each_sample_alone_and_reports_the_samples_used():
     """Text rows split into one-sample batches (padding trimmed) whose losses are the rows' own; the
     report counts the samples the scores used (zeroth: `score_samples`, first: all)."""
-    from vlmprune.weights.prune import _first_samples, _split_samples, calibration_loss
+    from vlmprune.weights.samples import calibration_loss, first_samples, split_samples
 
     model = _llama()
     gen = torch.Generator().manual_seed(4)
@@ -309,7 +309,7 @@ def test_zeroth_order_scores_each_sample_alone_and_reports_the_samples_used():
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # left padding
     batches = [dict(input_ids=ids, attention_mask=mask), dict(input_ids=ids[:2], attention_mask=mask[:2])]
-    rows = _split_samples(_first_samples(batches, 4, None), None)
+    rows = split_samples(first_samples(batches, 4, None), None)
     assert [r["input_ids"].shape for r in rows] == [(1, 9), (1, 5), (1, 9), (1, 9)]
     assert torch.equal(rows[1]["input_ids"][0], ids[1, 4:])
     with torch.no_grad():
@@ -326,17 +326,17 @@ def test_zeroth_order_scores_each_sample_alone_and_reports_the_samples_used():
 def test_zeroth_order_cuts_text_samples_into_pieces_with_a_direction_each():
     """Pieces of `score_tokens` tokens tile each one-sample text batch in order (a short tail joins the
     last piece); image batches stay whole; the report counts one direction per piece."""
-    from vlmprune.weights.prune import _pieces
+    from vlmprune.weights.samples import pieces
 
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 200, (1, 23), generator=gen)
     row = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
-    pieces = _pieces([row], 8)
-    assert [p["input_ids"].shape[1] for p in pieces] == [8, 8, 7]
-    assert torch.equal(torch.cat([p["input_ids"] for p in pieces], 1), ids)
-    assert [p["input_ids"].shape[1] for p in _pieces([dict(input_ids=ids[:, :19], attention_mask=torch.ones(1, 19))], 8)] == [8, 11]
+    cut = pieces([row], 8)
+    assert [p["input_ids"].shape[1] for p in cut] == [8, 8, 7]
+    assert torch.equal(torch.cat([p["input_ids"] for p in cut], 1), ids)
+    assert [p["input_ids"].shape[1] for p in pieces([dict(input_ids=ids[:, :19], attention_mask=torch.ones(1, 19))], 8)] == [8, 11]
     image = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.zeros(1, 3, 4, 4))
-    assert _pieces([image], 8) == [image] and _pieces([row], 0) == [row]
+    assert pieces([image], 8) == [image] and pieces([row], 0) == [row]
     batches = [dict(input_ids=torch.randint(3, 200, (2, 20), generator=gen), attention_mask=torch.ones(2, 20, dtype=torch.long))]
     report = prune_weights(_llama(), batches, method="ecoflap", sparsity=0.5, score_samples=2, score_tokens=5, progress=False)
     assert (report.score_samples, report.score_directions) == (2, 8)
@@ -346,18 +346,18 @@ def test_zeroth_order_cuts_text_samples_into_pieces_with_a_direction_each():
 
 @pytest.mark.parametrize("family, splits", [("llava", True), ("qwen2_vl", False)])
 def test_only_batches_with_one_row_per_sample_split(family, splits):
-    from vlmprune.weights.prune import _split_samples
+    from vlmprune.weights.samples import split_samples
 
     model, batches = _setup(family)
     image_id = model.config.image_token_id
-    rows = _split_samples(batches, image_id)
+    rows = split_samples(batches, image_id)
     assert len(rows) == (batches[0]["input_ids"].shape[0] if splits else 1)
     if splits:  # each one-image sample keeps its own image
         for i, row in enumerate(rows):
             assert torch.equal(row["pixel_values"][0], batches[0]["pixel_values"][i])
         uneven = dict(batches[0], input_ids=batches[0]["input_ids"].clone())
         uneven["input_ids"][0][uneven["input_ids"][0] == image_id] = 5  # sample 0 loses its image tokens
-        assert len(_split_samples([uneven], image_id)) == 1
+        assert len(split_samples([uneven], image_id)) == 1
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -13,7 +13,7 @@ from conftest import TEXT, build_model, make_batch
 from vlmprune.weights import suffix as suffix_module
 from vlmprune.weights.allocation import zeroth_order_scores
 from vlmprune.weights.calibrate import find_stacks
-from vlmprune.weights.prune import calibration_loss
+from vlmprune.weights.samples import calibration_loss
 from vlmprune.weights.suffix import SuffixLosses
 
 

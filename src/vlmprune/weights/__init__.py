@@ -1,5 +1,6 @@
 """Weight pruning: allocation x local pruner x calibration data (see DESIGN.md), and the pipeline
-(`prune_weights`) that calibrates block by block, and loading / saving (`checkpoints.py`)."""
+(`prune_weights(model, batches, cfg)`) that calibrates block by block, and loading / saving
+(`checkpoints.py`). Allocations and local pruners are registered kernels (`registry.py`)."""
 
 from .allocation import (
     allocate,
@@ -26,13 +27,21 @@ from .local import (
     wanda_mask,
 )
 from .checkpoints import check_out_dir, load_for_pruning, load_gguf, save_pruned
-from .prune import SparsityReport, WeightPruneConfig, calibration_loss, prune_weights
+from .config import WeightPruneConfig, config_from
+from .prune import SparsityReport, prune_weights, sparsities_from_scores, unit_sparsities
+from .samples import calibration_loss
+from .registry import ALLOCATIONS, PRUNERS, AllocationInputs, Pruned, Unit, register_allocation, register_pruner
 
 __all__ = [
+    "ALLOCATIONS",
+    "AllocationInputs",
     "BlockStep",
     "InputStats",
+    "PRUNERS",
     "Pattern",
+    "Pruned",
     "SparsityReport",
+    "Unit",
     "WeightPruneConfig",
     "allocate",
     "apply_mask",
@@ -41,6 +50,7 @@ __all__ = [
     "calibration_batches",
     "calibration_loss",
     "check_out_dir",
+    "config_from",
     "dense_input_norms",
     "ecoflap_allocate",
     "ecoflap_keep_counts",
@@ -54,13 +64,17 @@ __all__ = [
     "parse_nm",
     "prune_count",
     "prune_weights",
+    "register_allocation",
+    "register_pruner",
     "save_pruned",
     "scene_batches",
     "select_linears",
     "select_keep",
     "sparsegpt_prune",
+    "sparsities_from_scores",
     "text_batches",
     "uniform",
+    "unit_sparsities",
     "wanda_mask",
     "zeroth_order_scores",
 ]

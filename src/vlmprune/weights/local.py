@@ -18,6 +18,10 @@ Scores (the lowest are pruned; ties go to the lower index, row-major, by a stabl
   updates the surviving weights to compensate (Frantar & Alistarh 2023, "SparseGPT: Massive Language
   Models Can Be Accurately Pruned in One-Shot", https://arxiv.org/abs/2301.00774).
 
+Each is registered by name (`registry.register_pruner`) with the one signature of a local pruner,
+``prune(weight, stats, pattern, cfg) -> Pruned`` (bottom of this file): ``"magnitude"`` (per matrix),
+``"wanda"`` (needs ``"norm"``, per row) and ``"sparsegpt"`` (needs ``"hessian"``).
+
 `InputStats` gathers what Wanda and SparseGPT need from a layer's inputs::
 
     stats = InputStats(linear.in_features, hessian=True)
@@ -38,6 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import VlmpruneError
+from .registry import Pruned, register_pruner
 
 PER = ("row", "matrix")
 
@@ -288,3 +293,29 @@ def apply_mask(target: nn.Module | torch.Tensor, mask: torch.Tensor) -> torch.Te
     with torch.no_grad():
         weight.masked_fill_(~mask.to(weight.device), 0)
     return weight
+
+
+# ----------------------------------------------------------------------------- the registered pruners
+
+
+def masked(weight: torch.Tensor, keep: torch.Tensor) -> Pruned:
+    """`Pruned` for a pruner that only selects: the weight zeroed where `keep` is False."""
+    return Pruned(weight.detach().masked_fill(~keep.to(weight.device), 0), keep)
+
+
+@register_pruner("wanda", needs=("norm",))
+def wanda(weight: torch.Tensor, stats, pattern: Pattern, cfg) -> Pruned:
+    """Wanda: ``|W_ij| * ||X_j||_2``, counted per output row."""
+    return masked(weight, wanda_mask(weight, stats["norm"], sparsity=pattern.sparsity, nm=pattern.nm))
+
+
+@register_pruner("sparsegpt", needs=("hessian",))
+def sparsegpt(weight: torch.Tensor, stats, pattern: Pattern, cfg) -> Pruned:
+    """SparseGPT: OBS pruning with weight updates on the layer's Hessian."""
+    return Pruned(*sparsegpt_prune(weight, stats["hessian"], sparsity=pattern.sparsity, nm=pattern.nm))
+
+
+@register_pruner("magnitude")
+def magnitude(weight: torch.Tensor, stats, pattern: Pattern, cfg) -> Pruned:
+    """``|W_ij|``, counted across the matrix."""
+    return masked(weight, magnitude_mask(weight, sparsity=pattern.sparsity, nm=pattern.nm))
