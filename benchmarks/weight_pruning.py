@@ -101,7 +101,7 @@ def _defaults() -> dict:
     """The allocation defaults every row runs with: a grid recorded under other defaults starts afresh."""
     cfg = WeightPruneConfig()
     return dict(allocation=cfg.allocation, zeroth_mode=cfg.zeroth_mode, cap=cfg.cap, owl_lambda=cfg.owl_lambda,
-                owl_m=cfg.owl_m, first_order="per-sample")
+                owl_m=cfg.owl_m, first_order="per-sample", zeroth_batch=cfg.zeroth_batch)
 
 
 def run_grid(task, settings: list[str], methods: list[str], path: Path, seed: int) -> dict:

@@ -186,7 +186,7 @@ def test_every_config_field_is_one_cli_flag_that_round_trips():
     # every field away from its default, each value distinct: a swapped pair would show
     cfg = WeightPruneConfig(method="ecoflap", local="sparsegpt", sparsity=0.3, nm=None, order="first", granularity="layer",
                             cap=0.05, patterns=("*mlp*", "re:q_proj"), seed=7, score_samples=3, score_tokens=9,
-                            allocation="clamped", zeroth_mode="block", score="grad", owl_lambda=0.02, owl_m=3.5)
+                            allocation="clamped", zeroth_mode="block", zeroth_batch=4, score="grad", owl_lambda=0.02, owl_m=3.5)
     assert all(getattr(cfg, f.name) != f.default for f in fields if f.name != "nm")
     argv = ["prune-weights", "--model", "m", "--out", "o"]
     for f in fields:

@@ -372,7 +372,7 @@ SCORES = ("grad", "grad-weight")  # ECoFLaP's GradOnly / GradMagAbs
 ZEROTH_MODES = ("per-matrix", "block")
 
 
-def _score_kind(score: str) -> str:
+def score_kind(score: str) -> str:
     if score not in SCORES:
         raise VlmpruneError(f"score={score!r} is not one of {', '.join(SCORES)} (grad: |gradient| only; grad-weight: |w| x |gradient|)")
     return score
@@ -391,7 +391,7 @@ def first_order_scores(loss_fn, blocks: Sequence, score: str = "grad-weight") ->
     evaluate_blip.py line 275), so gradient signs of different samples do not cancel: give one callable
     per sample for the released score (`prune_weights` does where the batches split into samples).
     Parameters get ``requires_grad`` for the call and have it restored after."""
-    kind = _score_kind(score)
+    kind = score_kind(score)
     groups, fns = _block_params(blocks), _loss_fns(loss_fn)
     flat = [p for params in groups for p in params]
     totals = [0.0] * len(groups)
@@ -483,7 +483,7 @@ def zeroth_order_scores(
         raise VlmpruneError(f"seed={seed!r} must be an int")
     if mode not in ZEROTH_MODES:
         raise VlmpruneError(f"mode={mode!r} is not one of {', '.join(ZEROTH_MODES)} (per-matrix: each weight matrix perturbed alone, as ECoFLaP's code; block: the whole block at once)")
-    weighted = _score_kind(score) == "grad-weight"
+    weighted = score_kind(score) == "grad-weight"
     master = torch.Generator().manual_seed(seed)
     scores = []
     for k, params in enumerate(groups):
@@ -507,8 +507,8 @@ def _part_score(fns: list[LossFn], params: list[torch.Tensor], master: torch.Gen
     return total / (len(fns) * n_directions)
 
 
-def _noise(params: list[torch.Tensor], seed: int):
-    """z for each tensor of a block, regenerated identically from `seed`."""
+def direction_noise(params: list[torch.Tensor], seed: int):
+    """z for each tensor perturbed together, regenerated identically from `seed` (tensor i from ``seed + i``)."""
     for i, p in enumerate(params):
         gen = torch.Generator(device=p.device).manual_seed(seed + i)
         yield torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.promote_types(p.dtype, torch.float32))
@@ -519,7 +519,7 @@ def _direction_score(fn: LossFn, params, originals, seed: int, eps: float, weigh
     losses, spread = [], 0.0
     for sign in (1, -1):
         with torch.no_grad():
-            for p, w, z in zip(params, originals, _noise(params, seed)):
+            for p, w, z in zip(params, originals, direction_noise(params, seed)):
                 p.copy_(w + sign * eps * z)
                 if sign == 1 and weighted:
                     spread += (w.double().abs() * z.double().abs()).sum().item()

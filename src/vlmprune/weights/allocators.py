@@ -9,7 +9,7 @@ and parameter counts to ``{unit: sparsity}`` (the formulas are in `allocation.py
   ``2 * cfg.owl_lambda``);
 * ``ecoflap``: each unit's importance on the calibration loss (`samples.calibration_loss`), zeroth
   order (`allocation.zeroth_order_scores` on the scored pieces, the unperturbed prefix replayed by
-  `suffix.SuffixLosses`) or first order (`allocation.first_order_scores`, one sample at a time), then
+  `suffix.SuffixLosses`; ``zeroth_batch`` directions per forward, `zeroth_batched.py`) or first order (`allocation.first_order_scores`, one sample at a time), then
   ECoFLaP's released rule (`allocation.ecoflap_allocate`) or the clamped one (`allocation.allocate`).
 """
 
@@ -25,8 +25,9 @@ from ..errors import VlmpruneError
 from .allocation import allocate, ecoflap_allocate, first_order_scores, owl_scores, owl_sparsities, zeroth_order_scores
 from .calibrate import Stack, dense_input_norms
 from .registry import AllocationInputs, register_allocation
-from .samples import calibration_loss, first_samples, pieces, split_samples
+from .samples import calibration_loss, first_samples, loss_sums, pieces, split_samples
 from .suffix import SuffixLosses
+from .zeroth_batched import batched_zeroth_order_scores, stack_directions
 
 if TYPE_CHECKING:
     from .config import WeightPruneConfig
@@ -108,10 +109,16 @@ def ecoflap_unit_scores(inputs: AllocationInputs, cfg: WeightPruneConfig) -> dic
     model, batches, stacks, units = inputs.model, inputs.batches, inputs.stacks, inputs.units
     params = [[m.weight for m in unit.linears.values()] for unit in units]
     if cfg.order == "zeroth":
-        suffix = SuffixLosses(model, zeroth_pieces(cfg, model, batches), stacks, calibration_loss)
         where = [block_of(stacks, next(iter(unit.linears))) for unit in units]
-        totals = zeroth_order_scores(suffix.losses(), params, seed=cfg.seed, mode=cfg.zeroth_mode, score=cfg.score_kind,
-                                     around_block=lambda k: suffix.skipping(*where[k]))
+        if cfg.zeroth_batch > 1:  # the directions' +- rows stacked, one forward per group (zeroth_batched.py)
+            groups = stack_directions(zeroth_pieces(cfg, model, batches), 1, cfg.zeroth_batch)
+            suffix = SuffixLosses(model, [g.batch for g in groups], stacks, loss_sums)
+            totals = batched_zeroth_order_scores(suffix.losses(), groups, [list(u.linears.values()) for u in units], seed=cfg.seed,
+                                                 mode=cfg.zeroth_mode, score=cfg.score_kind, around_block=lambda k: suffix.skipping(*where[k]))
+        else:
+            suffix = SuffixLosses(model, zeroth_pieces(cfg, model, batches), stacks, calibration_loss)
+            totals = zeroth_order_scores(suffix.losses(), params, seed=cfg.seed, mode=cfg.zeroth_mode, score=cfg.score_kind,
+                                         around_block=lambda k: suffix.skipping(*where[k]))
     else:
         losses = [functools.partial(calibration_loss, model, b) for b in first_order_samples(cfg, model, batches)]
         totals = first_order_scores(losses, params, score=cfg.score_kind)

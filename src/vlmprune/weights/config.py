@@ -25,6 +25,7 @@ ALLOCATION_RULES = ("released", "clamped")  # ECoFLaP's released rule / vlmprune
 OWL_LAMBDA = 0.08  # OWL's README recipe: --Lamda 0.08 --Hyper_m 5
 OWL_M = 5.0  # OWL's outlier threshold M, in multiples of a unit's mean Wanda score
 DEFAULT_SPARSITY = 0.5
+ZEROTH_BATCH = 16  # directions per stacked forward: 32 rows (the default's 4 samples x 4 pieces in one forward)
 ZEROTH_SCORE_TOKENS = 64  # ... and each text sample cut into pieces of this many tokens, one direction each
 
 
@@ -78,6 +79,8 @@ class WeightPruneConfig:
                               "to the scores, within target +- cap)")
     zeroth_mode: str = _option("per-matrix", "ECoFLaP zeroth order: per-matrix (each weight matrix perturbed alone, as "
                                "ECoFLaP's code) or block (the whole unit at once, fewer forwards)")
+    zeroth_batch: int = _option(ZEROTH_BATCH, "ECoFLaP zeroth order: directions evaluated in one forward, their +eps and -eps rows "
+                                "stacked (1: two forwards per direction, the plain path; scores equal up to float rounding)", int)
     score: str | None = _option(None, "ECoFLaP importance per matrix: grad (|gradient|) or grad-weight (|w| x |gradient|); "
                                 "default: grad for zeroth order, grad-weight for first, as ECoFLaP's scripts")
     owl_lambda: float = _option(OWL_LAMBDA, "OWL's lambda: the allocated sparsities span 2 x lambda (max - min)", float)
@@ -111,6 +114,8 @@ class WeightPruneConfig:
             raise VlmpruneError(f"score_samples={self.score_samples!r} must be a positive int (or None for the default)")
         if isinstance(self.score_tokens, bool) or not isinstance(self.score_tokens, int) or self.score_tokens < 0:
             raise VlmpruneError(f"score_tokens={self.score_tokens!r} must be an int >= 0 (tokens per scored piece; 0: whole samples)")
+        if isinstance(self.zeroth_batch, bool) or not isinstance(self.zeroth_batch, int) or self.zeroth_batch < 1:
+            raise VlmpruneError(f"zeroth_batch={self.zeroth_batch!r} must be a positive int (directions per forward; 1: one at a time)")
         _choice("allocation", self.allocation, ALLOCATION_RULES)
         _choice("zeroth_mode", self.zeroth_mode, ZEROTH_MODES)
         if self.score is not None:

@@ -17,15 +17,31 @@ def calibration_loss(model: nn.Module, batch: Mapping) -> torch.Tensor:
     """The model's next-token cross-entropy on the batch itself: ``labels`` = input_ids with padding and
     image placeholders set to -100 (or the batch's own ``labels``). A VLM runs whole, tower included."""
     inputs = model_inputs(model, batch)
+    return model(**inputs, labels=calibration_labels(model, batch), use_cache=False).loss
+
+
+def calibration_labels(model: nn.Module, batch: Mapping) -> torch.Tensor:
+    """The batch's own ``labels``, or its input_ids with padding and image placeholders set to -100."""
     labels = batch.get("labels")
     if labels is None:
-        ids = inputs["input_ids"]
-        mask = inputs.get("attention_mask")
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
         labels = ids if mask is None else ids.masked_fill(~mask.bool(), -100)
         image_id = getattr(model.config, "image_token_id", None)
         if image_id is not None:
             labels = labels.masked_fill(ids == image_id, -100)
-    return model(**inputs, labels=labels, use_cache=False).loss
+    return labels
+
+
+def loss_sums(model: nn.Module, batch: Mapping) -> torch.Tensor:
+    """Per row, in one forward: ``[sum of next-token cross-entropies, labelled tokens]`` over the row's
+    own labels (shape ``[rows, 2]``); for any set of rows, sum / count is `calibration_loss` of those
+    rows batched alone (the token mean, as transformers' loss)."""
+    labels = calibration_labels(model, batch)
+    logits = model(**model_inputs(model, batch), use_cache=False).logits
+    targets = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]  # position t predicts token t + 1
+    ce = nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+    return torch.stack([ce.view(targets.shape).sum(1), (targets != -100).sum(1).to(ce.dtype)], dim=1)
 
 
 def first_samples(batches: list[dict], n: int, image_token_id: int | None) -> list[dict]:

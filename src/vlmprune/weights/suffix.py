@@ -110,15 +110,16 @@ class SuffixLosses:
         b = next(iter(self._hidden), None)
         if b is None:
             return True
-        with torch.no_grad():
-            fast = float(self._loss(b))
+        with torch.no_grad():  # a loss may be one scalar or one per row (`samples.row_losses`)
+            fast = torch.as_tensor(self._loss(b)).double()
             _unpatch(skipped)
-            whole = float(self._loss(b))
+            whole = torch.as_tensor(self._loss(b)).double()
         self._patch(skipped)
-        if abs(fast - whole) <= MATCH_RTOL * max(1.0, abs(whole)):
+        gap = float((fast - whole).abs().max())
+        if gap <= MATCH_RTOL * max(1.0, float(whole.abs().max())):
             return True
         warnings.warn(
-            f"skipping unperturbed blocks changed the {self._stack} loss ({fast:.6g} vs {whole:.6g}); "
+            f"skipping unperturbed blocks changed the {self._stack} loss (by up to {gap:.3g}, of {float(whole.abs().max()):.6g}); "
             "zeroth-order scores run whole forwards for this stack (slower, same result)",
             stacklevel=3,
         )
