@@ -4,7 +4,11 @@ Measures, in one run with interleaved repeats:
   * prefill with no plan: the engine vs transformers' own forward (overhead target: within 5%);
   * prefill with 75% of visual tokens dropped from layer 2, and with 25% of layers skipped, each as a
     measured speed-up next to the FLOPs-predicted one (target: measured >= 0.85 x predicted);
-  * per-token decode time with the pruned KV cache vs the full one.
+  * per-token decode time with the pruned KV cache vs the full one;
+  * generation with no plan against transformers' own `generate` (same model, sdpa, greedy, no stop),
+    at each of --decode-lengths new tokens (default 128 and 1024): time per token as
+    (T(N tokens) - T(1 token)) / (N - 1) for both, so the prefill drops out (target: within 5%), and
+    the pruned cache's per-token speed-up at the same lengths.
 The vision tower is tiny and outside the timed region (embeddings are prepared once): this times the
 language model, which is what token and layer pruning change.
 
@@ -55,6 +59,41 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def generation_rows(pm, inputs: dict, pruned_plan, lengths: list[int], repeats: int) -> list[dict]:
+    """Per-token generation time, engine (no plan; and `pruned_plan`) vs transformers' generate, at
+    each length: the median over `repeats` interleaved runs of (T(N) - T(1)) / (N - 1)."""
+    model = pm.model
+    hf_inputs = dict(inputs)
+
+    def hf(n):
+        model.generate(**hf_inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    def ours(n, plan=None):
+        pm.generate(**inputs, prune=plan, max_new_tokens=n, eos_token_id=())
+
+    runners = {"transformers": hf, "engine": ours, "pruned": lambda n: ours(n, pruned_plan)}
+    rows = []
+    for n in lengths:
+        per_token: dict[str, list[float]] = {name: [] for name in runners}
+        for fn in runners.values():  # warm-up
+            fn(2)
+        for _ in range(repeats):
+            for name, fn in runners.items():
+                start = time.perf_counter()
+                fn(1)
+                one = time.perf_counter() - start
+                start = time.perf_counter()
+                fn(n)
+                per_token[name].append((time.perf_counter() - start - one) / (n - 1) * 1e3)
+        ms = {name: statistics.median(v) for name, v in per_token.items()}
+        rows.append(dict(new_tokens=n, transformers_ms_per_token=ms["transformers"], engine_ms_per_token=ms["engine"],
+                         pruned_ms_per_token=ms["pruned"], engine_over_transformers=ms["engine"] / ms["transformers"],
+                         pruned_speedup=ms["engine"] / ms["pruned"]))
+        print(f"{n} new tokens: transformers {ms['transformers']:.2f} ms/token, engine {ms['engine']:.2f}, "
+              f"pruned cache {ms['pruned']:.2f}", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8)
@@ -65,6 +104,8 @@ def main() -> None:
     parser.add_argument("--text", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--decode-lengths", default="128,1024", help="new tokens for the generate comparison ('' to skip)")
+    parser.add_argument("--generate-repeats", type=int, default=3)
     parser.add_argument("--json", default="benchmarks/results/engine_speed.json")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -115,6 +156,8 @@ def main() -> None:
                 predicted_speedup=full_flops / flops, measured_speedup=prefill_ms["no plan"] / prefill_ms[name],
                 kv_mib=res.stats.kv_bytes / 2**20, decode_ms=decode_ms,
             ))
+        lengths = [int(n) for n in args.decode_lengths.split(",") if n.strip()]
+        generation = generation_rows(pm, inputs, plans["drop 75% visual from layer 2"], lengths, args.generate_repeats)
     overhead = prefill_ms["no plan"] / prefill_ms["transformers forward"] - 1
     for row in rows:
         row["measured_over_predicted"] = row["measured_speedup"] / row["predicted_speedup"]
@@ -127,10 +170,18 @@ def main() -> None:
     for r in rows:
         print(f"| {r['setting']:<30} | {r['prefill_ms']:10.1f} | {r['flops_share']:11.3f} | {r['predicted_speedup']:11.2f} | "
               f"{r['measured_speedup']:10.2f} | {r['measured_over_predicted']:9.2f} | {r['kv_mib']:6.2f} | {r['decode_ms']:15.2f} |")
+    if generation:
+        print(f"| new tokens | transformers generate ms/token | engine ms/token | engine / transformers | pruned cache ms/token | pruned speed-up |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for g in generation:
+            print(f"| {g['new_tokens']} | {g['transformers_ms_per_token']:.2f} | {g['engine_ms_per_token']:.2f} | "
+                  f"{g['engine_over_transformers']:.3f} | {g['pruned_ms_per_token']:.2f} | {g['pruned_speedup']:.2f} |")
     result = dict(config=vars(args), n_visual=n_visual, threads=torch.get_num_threads(),
                   transformers_prefill_ms=prefill_ms["transformers forward"], engine_overhead=overhead, rows=rows,
+                  generation=generation,
                   targets=dict(overhead_within_5pct=abs(overhead) <= 0.05,
-                               speedups_at_least_085_of_predicted=all(r["measured_over_predicted"] >= 0.85 for r in rows[1:])))
+                               speedups_at_least_085_of_predicted=all(r["measured_over_predicted"] >= 0.85 for r in rows[1:]),
+                               decode_within_5pct_of_generate=all(g["engine_over_transformers"] <= 1.05 for g in generation)))
     out = write_json(args.json, result)
     print(f"targets: {result['targets']}  -> {out}")
 

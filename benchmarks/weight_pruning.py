@@ -120,12 +120,18 @@ def run_grid(task, settings: list[str], methods: list[str], path: Path, seed: in
                 continue
             task.model.load_state_dict(dense)
             sparsity = dict(nm=setting) if ":" in setting else dict(sparsity=float(setting))
+            source = _score_source(result["rows"], name, seed)
+            given = None if source is None else {u["name"]: u["score"] for u in result["rows"][source]["units"]}
             start = time.perf_counter()
-            report = prune_weights(task.model, task.batches, seed=seed, progress=False, **METHODS[name], **sparsity)
+            report = prune_weights(task.model, task.batches, seed=seed, progress=False, scores=given, **METHODS[name], **sparsity)
             wall = time.perf_counter() - start
             quality = task.quality()
+            # a run on reused scores is timed as the whole run would be: the score step measured once
+            # (its source row's coarse step) plus this run's allocation and local pruning
+            score_seconds = 0.0 if source is None else result["rows"][source]["allocation_seconds"]
             result["rows"][key] = dict(
-                method=name, setting=setting, quality=quality, seconds=report.seconds, wall_seconds=wall,
+                method=name, setting=setting, quality=quality, seconds=score_seconds + report.seconds,
+                own_seconds=report.seconds, scores_from=source, wall_seconds=wall,
                 allocation_seconds=report.allocation_seconds, peak_memory_bytes=report.peak_memory_bytes,
                 overall_sparsity=report.overall, score_samples=report.score_samples, score_directions=report.score_directions,
                 allocated_range=[min(report.allocated.values()), max(report.allocated.values())],
@@ -136,6 +142,29 @@ def run_grid(task, settings: list[str], methods: list[str], path: Path, seed: in
                   f"({report.allocation_seconds:.1f} s allocating), +{report.peak_memory_bytes / 2**20:.0f} MiB", flush=True)
     task.model.load_state_dict(dense)
     return result
+
+
+def _score_key(name: str, seed: int) -> str | None:
+    """What ECoFLaP's importance scores depend on (not the sparsity, the local pruner or the allocation
+    rule): rows with one key share one score step. None for methods without a score step to reuse."""
+    cfg = WeightPruneConfig(seed=seed, **METHODS[name])
+    if cfg.method != "ecoflap":
+        return None
+    zeroth = cfg.order == "zeroth"
+    return json.dumps(dict(order=cfg.order, score=cfg.score_kind, zeroth_mode=cfg.zeroth_mode if zeroth else None,
+                           samples=cfg.score_samples, tokens=cfg.score_tokens if zeroth else None, seed=cfg.seed,
+                           granularity=cfg.granularity, patterns=cfg.patterns), sort_keys=True)
+
+
+def _score_source(rows: dict, name: str, seed: int) -> str | None:
+    """The row whose scores this method's run can reuse: one that computed them (no scores_from itself)."""
+    key = _score_key(name, seed)
+    if key is None:
+        return None
+    for row_key, row in rows.items():
+        if row.get("scores_from") is None and row.get("units") and _score_key(row["method"], seed) == key:
+            return row_key
+    return None
 
 
 def table(result: dict, settings: list[str], methods: list[str]) -> str:

@@ -16,7 +16,8 @@ FLOORS = {
     # 0: foundations, no knowledge of models
     "vlmprune.errors": 0,
     "vlmprune.files": 0,
-    "vlmprune.memory": 0,  # peak memory growth while a function runs
+    "vlmprune.memory": 0,
+    "vlmprune.registry": 0,  # the one registry mechanism (methods, families, weight kernels)  # peak memory growth while a function runs
     "vlmprune.training": 0,  # the resumable training loop both trainers use
     "vlmprune.validate": 0,  # the scalar checks every floor shares
     # 1: model families
@@ -41,6 +42,7 @@ FLOORS = {
     "vlmprune.eval": 6,
     # 7: commands and integrations
     "vlmprune.cli": 7,
+    "vlmprune.recipes": 7,  # YAML recipes as command lines
     "vlmprune.demo": 7,
     "vlmprune.integrations": 7,
     "vlmprune": 7,
@@ -49,17 +51,10 @@ FLOORS = {
 # Edges that still run up a floor or import a private name, each with its reason; an entry that no
 # longer occurs fails the test, so the list only shrinks. (importer, imported module, name)
 KNOWN = {
-    ("vlmprune.methods.token.vispruner", "vlmprune.eval.flops", "vision_score_macs"):
-        "vision-tower pricing; it moves down with the vision pricers (issue 20 families)",
     ("vlmprune.weights.checkpoints", "vlmprune.loading", "load"):
         "load_for_pruning opens a supported VLM through vlmprune.load; it belongs beside loading (issue 20 weights)",
     ("vlmprune.weights.checkpoints", "vlmprune.loading", "load_options"): "as load",
     ("vlmprune.weights.checkpoints", "vlmprune.loading", "_resolve"): "as load, and private",
-    ("vlmprune.weights.checkpoints", "vlmprune.weights.prune", "_unwrap"):
-        "private: model-or-PrunedModel unwrapping, to become public where prune_weights is rebuilt (issue 20 weights)",
-    ("vlmprune.weights.suffix", "vlmprune.weights.calibrate", "_capture"):
-        "private: block-input capture, to become public in calibrate.py (issue 20 weights)",
-    ("vlmprune.weights.suffix", "vlmprune.weights.calibrate", "_run_block"): "as _capture",
 }
 
 

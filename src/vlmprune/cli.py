@@ -9,14 +9,24 @@ import sys
 from .errors import VlmpruneError
 
 
-def _keep(text: str | None) -> float | int | None:
-    """'0.25' -> ratio 0.25, '64' -> count 64."""
-    if text is None:
-        return None
-    try:
-        return int(text) if text.isdigit() else float(text)
-    except ValueError as err:
-        raise VlmpruneError(f"--keep takes a ratio in (0, 1] or a token count, got {text!r}") from err
+def _budget(text: str | None, field: str = "keep") -> float | int | None:
+    """'0.25' -> share 0.25, '64' -> count 64, '1.0' -> everything (`methods.base.parse_budget`)."""
+    from .methods.base import parse_budget
+
+    return None if text is None else parse_budget(text, field)
+
+
+def _method_options(args: argparse.Namespace) -> dict:
+    """--keep, --layer, --keep-layers, --seed, --router, --layers and every --opt NAME=VALUE, by field name."""
+    from .methods.options import parse_options
+
+    options = dict(keep=_budget(args.keep), layer=args.layer, keep_layers=_budget(args.keep_layers, "keep_layers"),
+                   seed=args.seed, router=args.router, layers=args.layers)
+    extra = parse_options(args.method, getattr(args, "opt", None) or [])
+    both = sorted(k for k in extra if options.get(k) is not None)
+    if both:
+        raise VlmpruneError(f"{', '.join(both)} given both as a flag and as --opt; give it once")
+    return {**options, **extra}
 
 
 def _decision(args: argparse.Namespace, pm=None):
@@ -31,8 +41,7 @@ def _decision(args: argparse.Namespace, pm=None):
         raise VlmpruneError("--flops sets a method's budget; name the method with --method")
     if not args.method:
         return parse_plan(args.plan, args.skip)
-    options = dict(keep=_keep(args.keep), layer=args.layer, keep_layers=args.keep_layers, seed=args.seed,
-                   router=args.router, layers=args.layers)
+    options = _method_options(args)
     if pm is None:
         return build_decision(args.method, options, flops)
     methods = build_decision(args.method, options, flops, pm, calibration=lambda pm: calibration_inputs(
@@ -73,9 +82,11 @@ def _add_decision_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", help='a Plan as JSON text or file, e.g. \'{"keep": {"2": [[0, 5, 9]]}, "skip": [6]}\'')
     parser.add_argument("--skip", help="comma-separated decoder layers not to run, e.g. 5,6")
     parser.add_argument("--method", help="pruning method name(s), comma-separated, e.g. fastv or fastv,shortgpt")
-    parser.add_argument("--keep", help="visual tokens to keep: a ratio in (0, 1] or a count")
+    parser.add_argument("--keep", help="visual tokens to keep: a share in (0, 1] with a point (0.25, 1.0) or a count (64)")
     parser.add_argument("--layer", type=int, help="the decoder layer a token method acts at")
-    parser.add_argument("--keep-layers", type=int, help="decoder layers a layer method keeps")
+    parser.add_argument("--keep-layers", help="decoder layers a layer method keeps: a share (0.75) or a count (12)")
+    parser.add_argument("--opt", action="append", metavar="NAME=VALUE", help="any other option of the method, by its "
+                        "field name, e.g. --opt stages=0.25,0.5,0.75 (repeatable; `vlmprune methods` lists them)")
     parser.add_argument("--seed", type=int, help="seed for random methods")
     parser.add_argument("--router", help="a trained PAR router directory for par, par-tokens, par-layers (default: testbed, the router shipped for the testbed model)")
     parser.add_argument("--layers", type=float, help="PAR: share of decoder layers kept, in (0, 1]")
@@ -177,7 +188,9 @@ def format_vqa(result) -> str:
 def _cmd_sweep(args: argparse.Namespace) -> None:
     from .eval.sweep import sweep
 
-    options = {"router": args.router} if args.router else None
+    from .methods.options import parse_options
+
+    options = {**({"router": args.router} if args.router else {}), **parse_options(args.methods, args.opt or [])} or None
     extra = {}
     if args.data and args.data != "testbed":
         extra["examples"] = _read_data(args, args.data)
@@ -287,6 +300,36 @@ def _add_config_args(parser: argparse.ArgumentParser, config_class: type) -> Non
                             help=field.metadata["help"] + default)
 
 
+def _cmd_methods(args: argparse.Namespace) -> None:
+    from .methods.options import methods_table
+    from .methods.registry import METHODS, load_entry_points
+
+    load_entry_points()
+    names = [n.strip() for n in (args.names or "").split(",") if n.strip()] or list(METHODS)
+    print(methods_table(names), end="")
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from .recipes import recipe_argv
+
+    argv = recipe_argv(args.recipe, build_parser())
+    print("vlmprune " + " ".join(argv), file=sys.stderr)
+    sub = build_parser().parse_args(argv)
+    sub.func(sub)
+
+
+def load_plugins(modules: list[str] | None) -> None:
+    """Import each --plugin module (its register_method / register_family / register_pruner calls run)."""
+    import importlib
+
+    for name in modules or []:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise VlmpruneError(f"--plugin {name}: cannot import it ({err}); give an importable module name "
+                                "(on PYTHONPATH or installed)") from err
+
+
 def _cmd_lmms_eval(args: argparse.Namespace) -> None:
     from .integrations.lmms.cli import run_lmms_eval
 
@@ -295,7 +338,18 @@ def _cmd_lmms_eval(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmprune", description=__doc__)
+    parser.add_argument("--plugin", action="append", metavar="MODULE", help="import MODULE first, so the methods, "
+                        "families and weight kernels it registers are usable by name (repeatable; installed packages "
+                        "can instead declare a 'vlmprune.methods' entry point)")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    methods = sub.add_parser("methods", help="list the registered pruning methods: kind, budget and options")
+    methods.add_argument("names", nargs="?", help="comma-separated names (default: all)")
+    methods.set_defaults(func=_cmd_methods)
+
+    run = sub.add_parser("run", help="run a YAML recipe: {command: generate | eval | sweep | prune-weights | ..., and its options}")
+    run.add_argument("recipe", help="a .yaml file (see the README's 'Recipes')")
+    run.set_defaults(func=_cmd_run)
 
     gen = sub.add_parser("generate", help="answer a prompt about an image, optionally pruned")
     gen.add_argument("--model", required=True, help="checkpoint directory, 'testbed', or a hub id")
@@ -346,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--seed", type=int, default=0, help="seed for random methods")
     sw.add_argument("--no-latency", action="store_true", help="skip the latency and memory measurement")
     sw.add_argument("--router", help="a trained PAR router directory (for par, par-tokens, par-layers)")
+    sw.add_argument("--opt", action="append", metavar="NAME=VALUE", help="another option of the methods, by field name "
+                    "(repeatable), e.g. --opt stages=0.25,0.5,0.75")
     _add_data_args(sw, "the samples to answer (default: FashionScenes' evaluation set, for the testbed only)")
     sw.add_argument("--max-new-tokens", type=int, default=32, help="longest generated answer on --data (default 32)")
     sw.add_argument("--calib", type=int, default=64, help="calibration samples for methods that need them (ShortGPT)")
@@ -424,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     _quiet_transformers()
     try:
+        load_plugins(getattr(args, "plugin", None))
         args.func(args)
     except VlmpruneError as err:
         print(f"vlmprune: error: {err}", file=sys.stderr)

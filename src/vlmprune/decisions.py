@@ -15,20 +15,14 @@ def at_flops(method, share: float | None):
     return method if share is None else AtFlops(method, share)
 
 
-def flops_placeholder(names: str, options: dict) -> dict:
-    """A FLOPs target picks the one method's budget: refuse a given budget, fill its field with a valid placeholder."""
-    from .methods.budget import PLACEHOLDERS, budget_field
-    from .methods.registry import METHODS
-
+def check_flops_budget(names: str, options: dict) -> None:
+    """A FLOPs target picks the one method's budget: refuse several methods, or a budget given as well
+    (every method's budget field has a valid default, which the target replaces)."""
     listed = [n.strip() for n in names.split(",") if n.strip()]
     if len(listed) != 1:
         raise VlmpruneError("a FLOPs budget (--flops, or flops= in model_args) sets the budget of one method; give a single --method")
     if options.get("keep") is not None or options.get("keep_layers") is not None:
         raise VlmpruneError("a FLOPs budget chooses the budget itself; leave out --keep / --keep-layers (keep / keep_layers in model_args)")
-    if listed[0] not in METHODS:
-        return {}  # configure names the known methods
-    knob = budget_field(METHODS[listed[0]])
-    return {knob: PLACEHOLDERS[knob]}
 
 
 def calibration_inputs(pm, n: int = 64, source: str | None = None, read_options: dict | None = None) -> list[dict]:
@@ -58,16 +52,17 @@ def build_decision(method: str, options: dict[str, Any] | None = None, flops: fl
     that calibrate are calibrated on ``calibration(pm)`` (default: `calibration_inputs` with its defaults).
     Returns one method or a list of them.
     """
+    from .methods.protocols import Calibrates
     from .methods.registry import configure
 
     options = dict(options or {})
     if flops is not None:
-        options.update(flops_placeholder(method, options))
+        check_flops_budget(method, options)
     configured = configure(method, **options)
     if pm is None:
         return at_flops(configured, flops)  # a FLOPs budget is refused for several methods above
     methods = configured if isinstance(configured, list) else [configured]
     calibrate = calibration or calibration_inputs
-    methods = [m.calibrate(pm, calibrate(pm)) if hasattr(m, "calibrate") else m for m in methods]
+    methods = [m.calibrate(pm, calibrate(pm)) if isinstance(m, Calibrates) else m for m in methods]
     methods = [at_flops(m, flops) for m in methods]
     return methods[0] if len(methods) == 1 else methods

@@ -70,9 +70,10 @@ def reencode_inputs(prune: Any, pm: "PrunedModel", inputs: dict) -> tuple[dict, 
     inputs, None if nothing). Without such a method: `inputs` itself and `prune` unchanged."""
     from .methods.base import Compose
     from .methods.budget import AtFlops
+    from .methods.protocols import Reencodes
 
     members = list(prune) if isinstance(prune, (list, tuple)) else list(prune.methods) if isinstance(prune, Compose) else [prune]
-    reencoding = [m for m in members if hasattr(m, "reencode") or (isinstance(m, AtFlops) and hasattr(m.method, "reencode"))]
+    reencoding = [m for m in members if isinstance(m, Reencodes) or (isinstance(m, AtFlops) and isinstance(m.method, Reencodes))]
     if not reencoding:
         return inputs, prune
     if len(reencoding) > 1:
@@ -94,11 +95,12 @@ def resolve_prune(prune: Any, pm: "PrunedModel", prep: PreparedInputs) -> tuple[
         return Plan(), []
     if isinstance(prune, Plan):
         return prune, []
-    if isinstance(prune, (list, tuple)):
-        from .methods.base import Compose
+    from .methods.base import Compose
+    from .methods.protocols import Method
 
+    if isinstance(prune, (list, tuple)):
         prune = Compose(*prune)
-    if hasattr(prune, "decide"):  # a method object: returns (plan, policies) for this batch
+    if isinstance(prune, Method):  # a method object: returns (plan, policies) for this batch
         return prune.decide(pm, prep)
     raise VlmpruneError(f"prune= takes None, a vlmprune.Plan or a pruning method, got {type(prune).__name__}")
 
@@ -153,8 +155,8 @@ class PrunedModel:
         the rest of the decision, the re-encoded inputs or None when they are the caller's)."""
         inputs = self.to_input_device(dict(input_ids=input_ids, attention_mask=attention_mask, **vision))
         ran, rest = reencode_inputs(prune, self, inputs)
-        if ran is inputs:
-            return self.prepare(**inputs), prune, None
+        if ran is inputs:  # nothing re-encoded (no such method, or its images keep their resolution)
+            return self.prepare(**inputs), rest, None
         return self.prepare(**ran), rest, ran
 
     def _note_reencoded(self, stats: RunStats, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -233,6 +235,7 @@ class PrunedModel:
         logits, positions = res.last_logits, res.next_position.clone()
         _sync(logits)
         t1 = time.perf_counter()
+        res.cache.reserve(max_new_tokens - 1)  # decode steps write in place (engine/cache.py)
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         eos_t = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
         new_tokens, scores = [], []
@@ -277,6 +280,7 @@ class PrunedModel:
         res = prefill(self.adapter, prep, plan, policies, logits_to_keep=1)
         self._note_reencoded(res.stats, input_ids, attention_mask, ran)
         positions = res.next_position.clone()
+        res.cache.reserve(response.shape[1] - 1)
         rows = [res.last_logits.float().log_softmax(-1)]
         for t in range(response.shape[1] - 1):
             logits = decode_step(self.adapter, res.cache, response[:, t].to(positions.device), positions)

@@ -120,3 +120,34 @@ def test_request_beyond_the_position_range_is_refused(tiny_models):
         vlmprune.wrap(model).generate(**batch.kwargs(), max_new_tokens=5000)
     with pytest.raises(vlmprune.VlmpruneError, match="top_p must be in"):
         vlmprune.wrap(model).generate(**batch.kwargs(), do_sample=True, top_p=1.5)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_reserved_cache_decodes_in_place_with_the_same_logits(tiny_models, family):
+    """After `reserve`, decode steps write into the preallocated buffers (the storage never moves:
+    nothing cached is copied again) and give the logits of the growing (concatenating) cache; past the
+    reserved room the cache grows as before."""
+    from vlmprune.engine.runner import decode_step, prefill
+
+    model = tiny_models(family)
+    batch = make_batch(family, model, [3, 6], [4, 2], "left")  # padded: the decode mask is in play
+    pm = vlmprune.wrap(model)
+    plan = vlmprune.Plan(keep={2: [torch.arange(0, n, 2) for n in batch.n_visual]}, skip=[4])
+    runs = []
+    for room in (0, 3):
+        prep = pm.prepare(**batch.kwargs())
+        res = prefill(pm.adapter, prep, plan, logits_to_keep=1)
+        res.cache.reserve(room)
+        where = {i: k.untyped_storage().data_ptr() for i, k in enumerate(res.cache.keys) if k is not None}
+        token, positions, steps = res.last_logits.argmax(-1), res.next_position.clone(), []
+        for _ in range(5):  # 3 in the reserved room, then 2 beyond it
+            logits = decode_step(pm.adapter, res.cache, token, positions)
+            steps.append(logits)
+            token, positions = logits.argmax(-1), positions + 1
+            if room and len(steps) <= room:
+                assert all(res.cache.keys[i].untyped_storage().data_ptr() == p for i, p in where.items())
+        assert res.cache.keys[4] is None and all(v.shape[1] == res.cache.keys[i].shape[2]
+                                                 for i, v in enumerate(res.cache.key_valid) if v is not None)
+        runs.append(steps)
+    for grown, reserved in zip(*runs):
+        torch.testing.assert_close(reserved, grown, atol=1e-5, rtol=0)

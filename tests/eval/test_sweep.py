@@ -146,7 +146,7 @@ def test_calibrating_methods_calibrate_once(pm, tmp_path, monkeypatch):
 def test_bad_arguments_fail_before_any_work(tmp_path, calls):
     with pytest.raises(vlmprune.VlmpruneError, match=r"unknown pruning method 'nosuch'; known methods: .*fastv"):
         sweep("no/such/model", "fastv,nosuch", [0.5], tmp_path)
-    with pytest.raises(vlmprune.VlmpruneError, match=r"ratios in \(0, 1\]"):
+    with pytest.raises(vlmprune.VlmpruneError, match=r"shares in \(0, 1\]"):
         sweep("no/such/model", "fastv", "0.5,1.5", tmp_path)
     with pytest.raises(vlmprune.VlmpruneError, match="not taken by any"):
         sweep("no/such/model", "fastv", [0.5], tmp_path, options={"stages": 3, "bogus": 1})

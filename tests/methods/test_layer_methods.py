@@ -53,7 +53,7 @@ def test_layer_method_errors(tiny_models):
         pm(**batch.kwargs(), prune=vlmprune.ShortGPT(keep_layers=3))
     with pytest.raises(vlmprune.VlmpruneError, match="keep_layers=9 but the model has 6"):
         pm(**batch.kwargs(), prune=vlmprune.RandomLayers(keep_layers=9))
-    with pytest.raises(vlmprune.VlmpruneError, match="layer count >= 1"):
+    with pytest.raises(vlmprune.VlmpruneError, match="a layer count must be >= 1"):
         vlmprune.ShortGPT(keep_layers=0)
 
 

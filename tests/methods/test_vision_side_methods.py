@@ -361,7 +361,7 @@ def test_at_flops_compose_and_by_name(tiny_models, family, name):
     assert both.stats.layers_run.sum(1).tolist() == [4, 4, 4]
     from vlmprune.decisions import build_decision
 
-    assert build_decision(name, {"keep": None}, flops=0.5) == AtFlops(vlmprune.build_method(name, keep=1.0), 0.5)
+    assert build_decision(name, {"keep": None}, flops=0.5) == AtFlops(vlmprune.build_method(name), 0.5)  # the default budget, which the target replaces
 
 
 @pytest.mark.parametrize(
@@ -593,7 +593,7 @@ def test_downsample_at_flops_compose_and_by_name(tiny_models, family):
     pm = vlmprune.wrap(model)
     method = vlmprune.build_method("downsample", keep=0.5)
     assert method == configure("downsample", keep=0.5, layer=None, keep_layers=None, seed=None)
-    assert build_decision("downsample", {"keep": None}, flops=0.4) == AtFlops(vlmprune.methods.Downsample(keep=1.0), 0.4)
+    assert build_decision("downsample", {"keep": None}, flops=0.4) == AtFlops(vlmprune.methods.Downsample(), 0.4)
     mask = batch.attention_mask.bool()
     view = ModelInputs(batch.input_ids, mask, batch.vision, 250)
     values = sorted({k / n for n in batch.n_visual for k in range(1, n + 1)})

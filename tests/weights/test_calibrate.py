@@ -152,3 +152,30 @@ def test_a_model_without_decoder_layers_is_refused():
     model.config = transformers.PretrainedConfig()
     with pytest.raises(VlmpruneError, match="no decoder layers"):
         find_stacks(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_capture_computes_only_the_first_block_and_records_the_real_calls(family, monkeypatch):
+    """Capturing block inputs runs block 0 only (after one checked batch), and records what whole
+    forwards record; if the check finds the calls differ, whole forwards run, with a warning."""
+    from vlmprune.weights import calibrate
+
+    model = _model(family)
+    batches = _batches(family, model) * 2
+    for stack in find_stacks(model):
+        ran = [0] * len(stack.blocks)
+        hooks = [next(iter(b.children())).register_forward_hook(lambda *a, i=i: ran.__setitem__(i, ran[i] + 1))
+                 for i, b in enumerate(stack.blocks)]
+        try:
+            first, calls = calibrate.capture_inputs(stack, batches)
+            reached = len(first)
+            assert ran[0] == reached + 1 and all(n == 1 for n in ran[1:])  # one real forward, for the check
+            monkeypatch.setattr(calibrate, "_same_call", lambda a, b: False)
+            with pytest.warns(UserWarning, match="runs whole forwards"):
+                slow_first, slow_calls = calibrate.capture_inputs(stack, batches)
+            monkeypatch.undo()
+        finally:
+            for h in hooks:
+                h.remove()
+        assert all(torch.equal(a, b) for a, b in zip(first, slow_first))
+        assert all(calibrate._same_call(a, b) for ca, cb in zip(calls, slow_calls) for a, b in zip(ca, cb))

@@ -224,3 +224,21 @@ def test_bad_inputs_raise_helpful_errors(call, word):
     with pytest.raises(VlmpruneError) as info:
         call()
     assert word in str(info.value)
+
+
+def test_prune_lowest_is_a_stable_sorts_first_k():
+    """The selection (k-th value, ties by index) against the definition: the first k of a stable sort."""
+    from vlmprune.weights.local import prune_lowest
+
+    def reference(scores, k):
+        lowest = scores.sort(dim=-1, stable=True).indices[..., :k]
+        return torch.ones_like(scores, dtype=torch.bool).scatter_(-1, lowest, False)
+
+    gen = torch.Generator().manual_seed(0)
+    cases = [torch.rand(7, 33, generator=gen), (torch.rand(7, 33, generator=gen) * 3).round(),  # many ties
+             torch.zeros(3, 10), torch.rand(5, 8, 4, generator=gen)]  # all tied; N:M groups
+    nan = torch.rand(4, 12, generator=gen)
+    nan[1, 3] = float("nan")
+    for scores in cases + [nan]:
+        for k in range(0, scores.shape[-1] + 1):
+            assert torch.equal(prune_lowest(scores, k), reference(scores, k)), (scores.shape, k)

@@ -211,6 +211,28 @@ def test_first_order_takes_each_samples_gradient_alone():
     assert report.score_samples == 3
 
 
+@pytest.mark.parametrize("order", ["zeroth", "first"])
+def test_reused_scores_give_the_masks_of_scoring_again(order):
+    """ECoFLaP at another sparsity and local pruner from an earlier report's scores: the same weights as
+    running the score step again (the scores depend on neither)."""
+    model, batches = _setup("llama")
+    dense = _snapshot(model)
+    first = prune_weights(model, batches, method="ecoflap", order=order, sparsity=0.5, progress=False)
+    scores = {u["name"]: u["score"] for u in first.units}
+    model.load_state_dict(dense)
+    again = prune_weights(model, batches, method="ecoflap", order=order, sparsity=0.7, local="sparsegpt", progress=False)
+    scored = _snapshot(model)
+    model.load_state_dict(dense)
+    reused = prune_weights(model, batches, method="ecoflap", order=order, sparsity=0.7, local="sparsegpt", progress=False,
+                           scores=scores)
+    assert reused.units == again.units and reused.allocated == again.allocated
+    assert all(torch.equal(v, scored[k]) for k, v in model.state_dict().items())
+    with pytest.raises(VlmpruneError, match="must give exactly this model's units"):
+        prune_weights(model, batches, method="ecoflap", sparsity=0.5, progress=False, scores={"model.layers.0": 1.0})
+    with pytest.raises(VlmpruneError, match="reads no scores"):
+        prune_weights(model, batches, method="uniform", sparsity=0.5, progress=False, scores=scores)
+
+
 def test_a_weight_pruned_model_runs_with_a_token_method():
     model, batches = _setup("llava")
     prune_weights(model, batches, method="uniform", local="sparsegpt", sparsity=0.5, progress=False)

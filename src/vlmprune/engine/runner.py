@@ -325,8 +325,7 @@ def decode_step(adapter: Adapter, cache: LayerwiseKVCache, token_ids: torch.Tens
         if device not in ropes:
             ropes[device] = (rope[0].to(device), rope[1].to(device))
         rows = cache.rows[i]
-        grown = torch.ones(cache.key_valid[i].shape[0], 1, dtype=torch.bool, device=device)
-        cache.key_valid[i] = torch.cat([cache.key_valid[i], grown], dim=1)
-        mask = decode_mask(cache.key_valid[i], adapter.attn_implementation, hidden.dtype, cache.padded[i])
+        valid = cache.append_valid(i)  # in place after `reserve`
+        mask = decode_mask(valid, adapter.attn_implementation, hidden.dtype, cache.padded[i])  # None unless padded
         hidden = _run_layer(layer, hidden.to(device), rows, mask, ropes[device], cache)
     return _head(adapter, hidden)[:, -1]

@@ -44,32 +44,12 @@ from ..engine.plan import Plan
 from ..engine.stats import RunStats
 from ..errors import VlmpruneError
 from ..models import FAMILIES, family, find_family
+from ..models.vision_cost import costs_by_sample as _by_sample, vision_score_macs  # noqa: F401 (re-exported)
 
 INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids")
 
 
 # ---------------------------------------------------------------------------------------- vision side
-def _by_sample(images: list[tuple], n_visual: Sequence[int]) -> torch.Tensor:
-    """``[B, k]`` the sums over each sample's images of ``(tokens, *k costs)`` rows: images are assigned
-    to samples in order, by the visual tokens each gives the LLM."""
-    width = len(images[0]) - 1 if images else 0
-    out = torch.zeros(len(n_visual), width, dtype=torch.float64)
-    it = iter(images)
-    for b, n in enumerate(n_visual):
-        taken = 0
-        while taken < n:
-            image = next(it, None)
-            if image is None:
-                raise VlmpruneError(f"the image inputs run out before sample {b}'s {n} visual tokens")
-            taken += image[0]
-            out[b] += torch.tensor(image[1:], dtype=torch.float64)
-        if taken != n:
-            raise VlmpruneError(f"the image inputs give sample {b} {taken} visual tokens but its prompt has {n}")
-    if next(it, None) is not None:
-        raise VlmpruneError("the image inputs hold more images than the prompts' image placeholders")
-    return out
-
-
 def vision_macs(config, n_visual: Sequence[int], pixel_values=None, image_sizes=None, image_grid_thw=None):
     """``[B]`` MACs of the vision tower and of the projector for each sample's images.
 
@@ -80,17 +60,6 @@ def vision_macs(config, n_visual: Sequence[int], pixel_values=None, image_sizes=
     if not images:
         return costs.new_zeros(len(n_visual)), costs.new_zeros(len(n_visual))
     return costs[:, 0].clone(), costs[:, 1].clone()
-
-
-def vision_score_macs(config, n_visual: Sequence[int], pixel_values=None, image_sizes=None, image_grid_thw=None):
-    """``[B]`` MACs that ``PreparedInputs.vision_scores()`` spends on each sample's images (the adapters'
-    ``_cls_scores`` / ``_received_scores``), for methods that state them in ``Plan.overhead``; each
-    family's ``vision_cost.score_rows`` prices them (formulas in `vlmprune.models.vision_cost`)."""
-    cost = family(config.model_type).vision_cost
-    images = cost.images(config, list(n_visual), pixel_values, image_sizes, image_grid_thw)
-    rows = cost.score_rows(config, images, image_grid_thw)
-    costs = _by_sample(rows, n_visual)
-    return costs[:, 0].clone() if rows else costs.new_zeros(len(n_visual))
 
 
 # ---------------------------------------------------------------------------------------- the report

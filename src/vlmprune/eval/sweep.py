@@ -45,6 +45,8 @@ from ..errors import VlmpruneError
 from ..data import Example, example_batches, image_channels
 from ..data.calibration import CALIBRATION_SEED
 from ..methods.base import layer_count
+from ..methods.budget import budget_field
+from ..methods.protocols import Calibrates
 from ..files import write_json
 from ..pruned_model import PrunedModel
 from .latency import measure_latency
@@ -132,7 +134,7 @@ def sweep(
     for name in names:
         accepted = {f.name for f in fields(classes[name]) if f.init}
         mine = {k: v for k, v in {"seed": seed, **options}.items() if k in accepted}
-        if hasattr(classes[name], "calibrate"):
+        if issubclass(classes[name], Calibrates):
             mine["calib"] = calib_id
         specs += [_Spec(name, keep, mine) for keep in keep_values]
 
@@ -205,7 +207,7 @@ class _Runner:
             return replace(self.calibrated[spec.method], **budget)
         opts = {k: v for k, v in spec.options.items() if k != "calib"}
         method = registry.build_method(spec.method, **opts, **budget)
-        if hasattr(method, "calibrate"):
+        if isinstance(method, Calibrates):
             method = method.calibrate(self.pm, self._calibration_batches())
             self.calibrated[spec.method] = method
         return method
@@ -364,26 +366,29 @@ def _split(text: str | Sequence[str], what: str) -> list[str]:
 
 
 def _parse_keeps(keeps: str | Sequence[float]) -> list[float]:
+    """The sweep's budgets: shares in (0, 1]. A plain integer ("1", or an int) is a count everywhere
+    else in vlmprune (`methods.base.parse_budget`), so it is refused here rather than read as a share."""
     out = []
     for item in _split(keeps, "keep"):
+        if isinstance(item, int) or str(item).strip().lstrip("+").isdigit():
+            raise VlmpruneError(f"--keep {item!r} is a count, but a sweep's budgets are shares in (0, 1]: write "
+                                f"{float(item)!r} for a share (1.0 = everything), e.g. --keep 0.5,0.25,1.0")
         try:
             value = float(item)
         except ValueError:
             value = math.nan
         if not 0 < value <= 1:
-            raise VlmpruneError(f"--keep takes ratios in (0, 1] (the visual-token share, or the layer share for layer methods), got {item!r}")
+            raise VlmpruneError(f"--keep takes shares in (0, 1] (the visual-token share, or the layer share for layer methods), got {item!r}")
         out.append(value)
     return list(dict.fromkeys(out))
 
 
 def _method_class(registry, name: str) -> type:
-    if name not in registry.METHODS:
-        registry.build_method(name)  # raises the registry's error, which lists the known methods
-    return registry.METHODS[name]
+    return registry.method_class(name)  # an unknown name: the registry's error lists the known methods
 
 
 def _is_layer_method(cls: type) -> bool:
-    return any(f.name == "keep_layers" for f in fields(cls))
+    return budget_field(cls) == "keep_layers"
 
 
 def _check_options(options: dict, classes: dict[str, type]) -> None:
@@ -391,8 +396,9 @@ def _check_options(options: dict, classes: dict[str, type]) -> None:
     if budget:
         raise VlmpruneError(f"the sweep sets each method's budget from `keeps`; do not pass {sorted(budget)} as options")
     for name, cls in classes.items():
-        if not _is_layer_method(cls) and not any(f.name == "keep" for f in fields(cls)):
-            raise VlmpruneError(f"method {name!r} has neither a keep nor a keep_layers budget, so a sweep cannot vary it")
+        if getattr(cls, "budget", "keep") is None:
+            raise VlmpruneError(f"method {name!r} has no budget field (it registered budget=None), so a sweep cannot vary it")
+        budget_field(cls)  # a clear error for an unregistered class with neither field
     taken = {f.name for cls in classes.values() for f in fields(cls)}
     unused = set(options) - taken
     if unused:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -41,6 +41,13 @@ class Schedule:
     keep: Mapping[int, int] = field(default_factory=dict)
     score_rows: Mapping[int, int] = field(default_factory=dict)
     skip: frozenset[int] = frozenset()
+
+
+def opt(default: Any, help: str, parse: Callable[[str], Any] | None = None, **kwargs: Any) -> Any:
+    """A method option: a dataclass field with its help text (and, if its command-line text needs
+    more than the field's type, its parser) as metadata, declared once. ``vlmprune methods`` prints
+    the help; ``--opt NAME=VALUE`` parses VALUE (`methods.options`). Other keywords go to `field`."""
+    return field(default=default, metadata={"help": help, **({"parse": parse} if parse else {})}, **kwargs)
 
 
 def check_keep(keep: float | int, what: str = "keep") -> None:
@@ -107,9 +114,14 @@ def check_layer(layer: int, n_layers: int, lowest: int = 0, what: str = "layer")
         raise VlmpruneError(f"{what}={layer} is out of range: this model's decoder layers are {lowest}..{n_layers - 1}")
 
 
-def check_keep_layers(keep_layers: int) -> None:
-    if isinstance(keep_layers, bool) or not isinstance(keep_layers, int) or keep_layers < 1:
-        raise VlmpruneError(f"keep_layers must be a layer count >= 1, got {keep_layers!r}")
+def check_keep_layers(keep_layers: float | int) -> None:
+    """A layer budget, as a token budget: a share of the decoder layers in (0, 1] (float) or a count >= 1 (int)."""
+    if isinstance(keep_layers, bool) or not isinstance(keep_layers, (int, float)):
+        raise VlmpruneError(f"keep_layers must be a share of the decoder layers in (0, 1] or a layer count >= 1, got {keep_layers!r}")
+    if isinstance(keep_layers, float) and not 0 < keep_layers <= 1:
+        raise VlmpruneError(f"keep_layers={keep_layers} is outside (0, 1]; give a share in (0, 1] or an integer layer count")
+    if isinstance(keep_layers, int) and keep_layers < 1:
+        raise VlmpruneError(f"keep_layers={keep_layers}: a layer count must be >= 1")
 
 
 def layer_count(share: float, n_layers: int) -> int:
@@ -117,11 +129,32 @@ def layer_count(share: float, n_layers: int) -> int:
     return max(1, min(n_layers, math.floor(share * n_layers + 0.5)))
 
 
-def skip_all_but(ranking: torch.Tensor, keep_layers: int, n_layers: int) -> list[int]:
-    """The layers to skip: the first ``n_layers - keep_layers`` of `ranking` (least wanted first), sorted."""
+def layers_kept(keep_layers: float | int, n_layers: int) -> int:
+    """The layer count of budget `keep_layers` (a share rounds by `layer_count`; a count must fit)."""
+    if isinstance(keep_layers, float):
+        return layer_count(keep_layers, n_layers)
     if keep_layers > n_layers:
-        raise VlmpruneError(f"keep_layers={keep_layers} but the model has {n_layers} decoder layers")
-    return sorted(ranking[: n_layers - keep_layers].tolist())
+        raise VlmpruneError(f"keep_layers={keep_layers} but the model has {n_layers} decoder layers; use a count <= {n_layers} or a share")
+    return keep_layers
+
+
+def skip_all_but(ranking: torch.Tensor, keep_layers: float | int, n_layers: int) -> list[int]:
+    """The layers to skip: all but the `keep_layers` budget (share or count) of `ranking`'s last
+    entries (least wanted first), sorted."""
+    return sorted(ranking[: n_layers - layers_kept(keep_layers, n_layers)].tolist())
+
+
+def parse_budget(text: str, field: str = "keep") -> float | int:
+    """A budget (`field`: ``keep`` or ``keep_layers``) from the command line or lmms-eval's model_args,
+    with one meaning everywhere: a plain integer (``"64"``, ``"1"``) is a count, a number with a point
+    or an exponent (``"0.25"``, ``"1.0"``, ``"1e-1"``) a share; checked like the field itself."""
+    text = str(text).strip()
+    try:
+        value: float | int = int(text) if text.lstrip("+").isdigit() else float(text)
+    except ValueError:
+        raise VlmpruneError(f"{field} takes a share in (0, 1] (e.g. 0.25, or 1.0 for all) or a count (e.g. 64), got {text!r}") from None
+    check_keep_layers(value) if field == "keep_layers" else check_keep(value, field)
+    return value
 
 
 def top_visual(view: StageView, scores: torch.Tensor, keep: float | int) -> list[torch.Tensor]:

@@ -1,7 +1,7 @@
 """FLOPs budgets: run a method at the budget whose priced FLOPs come closest to a share of the full model's.
 
     pm(**inputs, prune=vlmprune.AtFlops(vlmprune.FastV(layer=2), share=0.5))
-    pm(**inputs, prune=vlmprune.AtFlops(vlmprune.ShortGPT(keep_layers=1).calibrate(pm, batches), share=0.5))
+    pm(**inputs, prune=vlmprune.AtFlops(vlmprune.ShortGPT().calibrate(pm, batches), share=0.5))
 
 The share is of the language model's prefill: the decoder layers run over the tokens present at each
 depth plus the method's attention-scoring overhead, over every layer run over every prompt token
@@ -30,18 +30,20 @@ import torch
 from ..counts import LMCounts, lm_share
 from ..errors import VlmpruneError
 from .base import SampleShape
-
-KNOBS = ("keep", "keep_layers")  # token budget, layer budget
-PLACEHOLDERS = {"keep": 1.0, "keep_layers": 1}  # a valid value to build a method whose budget AtFlops picks
-
+from .protocols import HasLayerFloor, Method, PricesItself, Schedules
+from .registry import BUDGETS
 
 def budget_field(method_cls: type) -> str:
-    """The field a FLOPs budget searches on a method class: ``keep`` or ``keep_layers``."""
+    """The field a FLOPs budget searches on a method class: its registered ``budget`` (`register_method`),
+    else ``keep`` or ``keep_layers``, whichever of the two it has."""
+    registered = getattr(method_cls, "budget", None)
+    if isinstance(registered, str):
+        return registered
     names = {f.name for f in dataclasses.fields(method_cls)} if dataclasses.is_dataclass(method_cls) else set()
-    found = [k for k in KNOBS if k in names]
+    found = [k for k in BUDGETS if k in names]
     if len(found) != 1:
         raise VlmpruneError(
-            f"{method_cls.__name__} has {'both' if found else 'neither'} of the budget fields {KNOBS}; "
+            f"{method_cls.__name__} has {'both' if found else 'neither'} of the budget fields {BUDGETS}; "
             "name the one to search with AtFlops(..., knob=...)"
         )
     return found[0]
@@ -59,11 +61,11 @@ def sample_shapes(prep) -> list[SampleShape]:
 
 def method_counts(method: Any, pm, prep) -> LMCounts:
     """The language model's work under `method` for a prepared batch, as counts, without running the model."""
-    if hasattr(method, "lm_counts"):  # the method prices itself (e.g. PAR, without a routing pass)
+    if isinstance(method, PricesItself):  # the method prices itself (e.g. PAR, without a routing pass)
         return method.lm_counts(pm, prep)
     shapes = sample_shapes(prep)
     n_text, n_visual = [s.n_text for s in shapes], [s.n_visual for s in shapes]
-    if hasattr(method, "schedule"):
+    if isinstance(method, Schedules):
         plans = [method.schedule(s, pm.n_layers) for s in shapes]
         return LMCounts.from_schedule(
             n_text, n_visual, pm.n_layers, [p.keep for p in plans], [p.skip for p in plans], [p.score_rows for p in plans]
@@ -103,7 +105,7 @@ class AtFlops:
         share = self.share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
             raise VlmpruneError(f"share={share!r} is outside (0, 1]: give the target share of the full model's FLOPs")
-        if isinstance(self.method, (list, tuple)) or not hasattr(self.method, "decide"):
+        if isinstance(self.method, (list, tuple)) or not isinstance(self.method, Method):
             raise VlmpruneError("AtFlops budgets one pruning method (e.g. vlmprune.FastV()); compose budgeted methods with a list")
         if not dataclasses.is_dataclass(self.method):
             raise VlmpruneError(f"AtFlops needs a dataclass method to set its budget; got {type(self.method).__name__}")
@@ -116,7 +118,7 @@ class AtFlops:
         """Budget values in increasing order: every layer count, or every token count as a ratio of each
         sample's visual tokens."""
         if self.knob == "keep_layers":  # from the method's floor, e.g. a router's layers that always run
-            return list(range(self.method.min_layers(pm) if hasattr(self.method, "min_layers") else 1, pm.n_layers + 1))
+            return list(range(self.method.min_layers(pm) if isinstance(self.method, HasLayerFloor) else 1, pm.n_layers + 1))
         counts = {n for n in prep.n_visual if n}
         if not counts:
             raise VlmpruneError("a token budget needs visual tokens; the batch has none")

@@ -8,9 +8,10 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import VlmpruneError
+from ..registry import Registry
 from .base import Adapter
 
-FAMILIES: dict[str, type[Adapter]] = {}
+FAMILIES: Registry[type[Adapter]] = Registry("model family", "model_type")
 REQUIRED = ("model_type", "model_class", "label", "vision_blocks", "vision_cost")
 
 
@@ -31,7 +32,7 @@ def register_family(cls: type[Adapter]) -> type[Adapter]:
             f"model family {cls.model_type!r} is already registered by {FAMILIES[cls.model_type].__name__}; "
             f"give {cls.__name__} its own model_type"
         )
-    FAMILIES[cls.model_type] = cls
+    FAMILIES.add(cls.model_type, cls)
     return cls
 
 

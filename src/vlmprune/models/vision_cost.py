@@ -205,3 +205,37 @@ class Qwen25Cost(QwenCost):
         if (vc.depth - 1) in vc.fullatt_block_indexes:
             return [h * w] * t
         return [s for _ in range(t) for s in window_sizes(vc, h, w)]
+
+
+def costs_by_sample(images: list[tuple], n_visual: Sequence[int]) -> torch.Tensor:
+    """``[B, k]`` the sums over each sample's images of ``(tokens, *k costs)`` rows: images are assigned
+    to samples in order, by the visual tokens each gives the LLM."""
+    width = len(images[0]) - 1 if images else 0
+    out = torch.zeros(len(n_visual), width, dtype=torch.float64)
+    it = iter(images)
+    for b, n in enumerate(n_visual):
+        taken = 0
+        while taken < n:
+            image = next(it, None)
+            if image is None:
+                raise VlmpruneError(f"the image inputs run out before sample {b}'s {n} visual tokens")
+            taken += image[0]
+            out[b] += torch.tensor(image[1:], dtype=torch.float64)
+        if taken != n:
+            raise VlmpruneError(f"the image inputs give sample {b} {taken} visual tokens but its prompt has {n}")
+    if next(it, None) is not None:
+        raise VlmpruneError("the image inputs hold more images than the prompts' image placeholders")
+    return out
+
+
+def vision_score_macs(config, n_visual: Sequence[int], pixel_values=None, image_sizes=None, image_grid_thw=None):
+    """``[B]`` MACs that ``PreparedInputs.vision_scores()`` spends on each sample's images (the adapters'
+    ``_cls_scores`` / ``_received_scores``), for methods that state them in ``Plan.overhead``; each
+    family's ``vision_cost.score_rows`` prices them (formulas in `vlmprune.models.vision_cost`)."""
+    from .registry import family
+
+    cost = family(config.model_type).vision_cost
+    images = cost.images(config, list(n_visual), pixel_values, image_sizes, image_grid_thw)
+    rows = cost.score_rows(config, images, image_grid_thw)
+    costs = costs_by_sample(rows, n_visual)
+    return costs[:, 0].clone() if rows else costs.new_zeros(len(n_visual))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import re
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -186,11 +187,18 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, _Call]:
     return rest.pop("hidden_states"), _Call((), rest, True)
 
 
-def _capture(stack: Stack, batches: Sequence[Mapping]) -> tuple[list[torch.Tensor], list[list[_Call]]]:
+def capture_inputs(stack: Stack, batches: Sequence[Mapping]) -> tuple[list[torch.Tensor], list[list[_Call]]]:
     """Hidden states reaching the stack's first block, and every block's call (per batch that reaches
-    the stack; a batch without images does not reach the vision tower)."""
+    the stack; a batch without images does not reach the vision tower).
+
+    Only the first block computes: the others hand their input hidden states on unchanged (in the
+    first block's output form), so capturing costs about one block per batch instead of the whole
+    stack. A block's other arguments (positions, masks, rotary tables) must not depend on the blocks
+    before it; that is checked on the first batch against a real forward, and where they differ every
+    batch runs the real forward, with a warning."""
     first: list[torch.Tensor] = []
     calls: list[list[_Call]] = [[] for _ in stack.blocks]
+    template: list = []  # the first block's output, whose form the skipped blocks give back
 
     def recorder(i: int):
         def hook(module, args, kwargs):
@@ -201,25 +209,89 @@ def _capture(stack: Stack, batches: Sequence[Mapping]) -> tuple[list[torch.Tenso
 
         return hook
 
+    def keep_output(module, args, output):
+        template[:] = [output]
+
+    def run(b: int, batch: Mapping, skip: bool) -> None:
+        before = len(first)
+        if skip:
+            _hand_on(stack.blocks[1:], template)
+        try:
+            stack.run(batch)
+        finally:
+            _unpatch_forward(stack.blocks[1:])
+        counts = {len(c) - before for c in calls}
+        if counts - {0, 1} or len(counts) > 1:
+            raise VlmpruneError(
+                f"calibration batch {b}: the {stack.name} blocks ran {sorted(counts)} times; block-by-block "
+                "calibration needs every block called exactly once per forward"
+            )
+
     handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(stack.blocks)]
+    handles.append(stack.blocks[0].register_forward_hook(keep_output))
     try:
         with torch.no_grad():
+            skip = checked = len(stack.blocks) == 1  # one block: nothing to skip or check
+            skip = not skip
             for b, batch in enumerate(batches):
-                before = len(first)
-                stack.run(batch)
-                counts = {len(c) - before for c in calls}
-                if counts - {0, 1} or len(counts) > 1:
-                    raise VlmpruneError(
-                        f"calibration batch {b}: the {stack.name} blocks ran {sorted(counts)} times; block-by-block "
-                        "calibration needs every block called exactly once per forward"
-                    )
+                if checked:
+                    run(b, batch, skip)
+                    continue
+                reached = len(first)
+                run(b, batch, False)  # the first batch that reaches the stack runs for real once ...
+                if len(first) == reached:
+                    continue
+                real = [c.pop() for c in calls]
+                first.pop()
+                run(b, batch, True)  # ... and again skipping, to compare the calls
+                checked = True
+                if not all(_same_call(r, c[-1]) for r, c in zip(real, calls)):
+                    warnings.warn(f"the {stack.name} blocks' arguments depend on the blocks before them; capturing "
+                                  "their inputs runs whole forwards (slower, same result)", stacklevel=2)
+                    for c, r in zip(calls, real):
+                        c[-1] = r
+                    skip = False
     finally:
         for h in handles:
             h.remove()
     return first, calls
 
 
-def _run_block(block: nn.Module, hidden: torch.Tensor, call: _Call) -> torch.Tensor:
+def _hand_on(blocks: Sequence[nn.Module], template: list) -> None:
+    """Patch `blocks` to return their input hidden states in the form of ``template[0]`` (the first
+    block's output: a tensor, or a tuple whose first item is the hidden states)."""
+
+    def forward(*args, **kwargs):
+        hidden, _ = _split_hidden(args, kwargs)
+        out = template[0] if template else hidden
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    for block in blocks:
+        block.forward = forward
+
+
+def _unpatch_forward(blocks: Sequence[nn.Module]) -> None:
+    for block in blocks:
+        block.__dict__.pop("forward", None)
+
+
+def _same_call(a: _Call, b: _Call) -> bool:
+    """Whether two recorded calls hold the same arguments (tensors equal, other values ==)."""
+
+    def same(x, y) -> bool:
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y)
+        if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
+            return len(x) == len(y) and all(same(i, j) for i, j in zip(x, y))
+        if isinstance(x, dict) and isinstance(y, dict):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        return x is y or x == y
+
+    return a.hidden_as_kwarg == b.hidden_as_kwarg and same(a.args, b.args) and same(a.kwargs, b.kwargs)
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, call: _Call) -> torch.Tensor:
+    """Block `block` on `hidden`, called as the model called it (`call`: its other arguments)."""
     out = block(*call.args, **call.kwargs, hidden_states=hidden) if call.hidden_as_kwarg else block(hidden, *call.args, **call.kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -247,7 +319,7 @@ def blockwise(
                 chosen[i] = found
         if not chosen:
             continue
-        hidden, calls = _capture(stack, batches)
+        hidden, calls = capture_inputs(stack, batches)
         if not hidden:
             raise VlmpruneError(
                 f"no calibration batch reaches the {stack.name} blocks (e.g. no images for the vision tower); "
@@ -263,14 +335,14 @@ def blockwise(
                 try:
                     with torch.no_grad():
                         for x, call in zip(hidden, calls[i]):
-                            _run_block(block, x, call)
+                            run_block(block, x, call)
                 finally:
                     for h in handles:
                         h.remove()
                 yield BlockStep(stack.name, i, block, found, stats, hidden)
             if i < last:
                 with torch.no_grad():  # the block as it is now (pruned) makes the next block's inputs
-                    hidden = [_run_block(block, x, call) for x, call in zip(hidden, calls[i])]
+                    hidden = [run_block(block, x, call) for x, call in zip(hidden, calls[i])]
         del hidden, calls
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import VlmpruneError
 from ..files import write_dir, write_json
 from ..models import FAMILIES, find_family
-from .prune import SparsityReport, _unwrap
+from .prune import SparsityReport, unwrap_model
 
 GGUF_SUFFIX = ".gguf"
 
@@ -127,7 +127,7 @@ def save_pruned(model_or_pm, processor_or_tokenizer, report: SparsityReport, out
     the JSON, without matplotlib) to `out_dir`. Everything is written to a temporary sibling directory
     first and renamed into place, so a failure leaves neither a half-written `out_dir` nor the temporary
     one. An existing `out_dir` is refused unless ``overwrite=True``."""
-    model = _unwrap(model_or_pm)
+    model = unwrap_model(model_or_pm)
     out = check_out_dir(out_dir, overwrite)
 
     def write(tmp: Path) -> None:

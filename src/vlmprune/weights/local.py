@@ -111,9 +111,22 @@ def _nm_pair(nm) -> tuple[int, int]:
 
 def prune_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keep mask over the last dim: False at the `k` lowest scores of each row (stable: ties prune the
-    lower index first)."""
-    lowest = scores.sort(dim=-1, stable=True).indices[..., :k]
-    return torch.ones_like(scores, dtype=torch.bool).scatter_(-1, lowest, False)
+    lower index first), what a stable sort's first `k` give, found by selection rather than sorting:
+    each row's k-th lowest value t, every score below t, and the first ``k - #below`` scores equal to
+    t (about twice as fast as the sort on a CPU). A row holding NaN falls back to the sort (NaN last)."""
+    n = scores.shape[-1]
+    if k <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if k >= n:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if torch.isnan(scores).any():
+        lowest = scores.sort(dim=-1, stable=True).indices[..., :k]
+        return torch.ones_like(scores, dtype=torch.bool).scatter_(-1, lowest, False)
+    t = scores.kthvalue(k, dim=-1, keepdim=True).values
+    below = scores < t
+    ties = scores == t
+    take = ties & (ties.cumsum(-1) <= k - below.sum(-1, keepdim=True))  # the lowest-index ties fill up to k
+    return ~(below | take)
 
 
 def select_keep(scores: torch.Tensor, pattern: Pattern, per: str = "row") -> torch.Tensor:

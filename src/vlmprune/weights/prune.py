@@ -123,7 +123,8 @@ class SparsityReport:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _unwrap(model_or_pm) -> nn.Module:
+def unwrap_model(model_or_pm) -> nn.Module:
+    """The transformers model of a `PrunedModel` (or the model itself); else a clear error."""
     model = getattr(model_or_pm, "model", None) if not isinstance(model_or_pm, nn.Module) else model_or_pm
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise VlmpruneError(f"give a transformers model or a vlmprune PrunedModel, got {type(model_or_pm).__name__}")
@@ -183,9 +184,20 @@ def sparsities_from_scores(cfg: WeightPruneConfig, scores: Sequence[float] | Non
     return list(unit_sparsities(cfg, params, None if scores is None else dict(zip(params, scores))).values())
 
 
-def _allocate(cfg: WeightPruneConfig, inputs: AllocationInputs) -> tuple[dict[str, float], dict[str, float] | None]:
-    """(sparsity per unit, the score per unit the allocation read, or None without a score step)."""
+def _allocate(cfg: WeightPruneConfig, inputs: AllocationInputs,
+              given: Mapping[str, float] | None = None) -> tuple[dict[str, float], dict[str, float] | None]:
+    """(sparsity per unit, the score per unit the allocation read, or None without a score step);
+    `given` scores stand in for the score step."""
     entry = ALLOCATIONS[cfg.method]
+    if given is not None:
+        if entry.scores is None:
+            raise VlmpruneError(f"allocation {cfg.method!r} reads no scores; leave out scores=")
+        names = [u.name for u in inputs.units]
+        if set(given) != set(names):
+            missing, extra = sorted(set(names) - set(given)), sorted(set(given) - set(names))
+            raise VlmpruneError(f"scores= must give exactly this model's units (missing {missing[:3]}, unknown {extra[:3]}); "
+                                "pass the units of a report of the same model, patterns and granularity")
+        return unit_sparsities(cfg, {u.name: u.params for u in inputs.units}, dict(given)), dict(given)
     scores = None if entry.scores is None or cfg.target == 0 else entry.scores(inputs, cfg)
     return unit_sparsities(cfg, {u.name: u.params for u in inputs.units}, scores), scores
 
@@ -221,7 +233,7 @@ def _record(cfg: WeightPruneConfig, inputs: AllocationInputs) -> dict:
 
 
 def prune_weights(model_or_pm, calib_batches: Sequence[Mapping], cfg: WeightPruneConfig | None = None, *,
-                  progress: bool = True, **options) -> SparsityReport:
+                  progress: bool = True, scores: Mapping[str, float] | None = None, **options) -> SparsityReport:
     """Prune the model's linears in place as `cfg` says (a `WeightPruneConfig`; or its fields as
     keywords, ``prune_weights(model, batches, method="owl", sparsity=0.6)``, see the module docstring)
     and return a `SparsityReport`. `calib_batches` is a list of model-input dicts (what the model's
@@ -231,9 +243,11 @@ def prune_weights(model_or_pm, calib_batches: Sequence[Mapping], cfg: WeightPrun
     (statistics, then the pruned outputs); OWL adds one forward per batch, ECoFLaP zeroth-order
     ``2 x linears x pieces`` one-sample forwards (``2 x units x pieces`` with ``zeroth_mode="block"``;
     each skipping the unperturbed blocks before the scored one, `suffix.py`), first-order one backward
-    per sample."""
+    per sample. `scores` (``{unit: score}``, e.g. ``{u["name"]: u["score"] for u in report.units}`` of an
+    earlier run with the same scoring options) skips the score step: an allocation at another sparsity
+    or with another local pruner from the same importance scores, as the scores do not depend on either."""
     cfg = config_of(cfg, options)
-    model = _unwrap(model_or_pm)
+    model = unwrap_model(model_or_pm)
     needed = ALLOCATIONS[cfg.method].scores is not None or bool(PRUNERS[cfg.local].needs)
     batches = _check_batches(calib_batches, needed=needed)
     device = next(model.parameters()).device
@@ -242,7 +256,7 @@ def prune_weights(model_or_pm, calib_batches: Sequence[Mapping], cfg: WeightPrun
     model.eval()  # dropout would make ECoFLaP's paired forwards disagree
     try:  # a long run: sample memory every 5 ms and keep the garbage collector on
         (inputs, allocated, units, times), peak, memory_method = peak_memory_growth(
-            lambda: _prune(cfg, model, batches, progress), device, interval=5e-3, pause_gc=False
+            lambda: _prune(cfg, model, batches, progress, scores), device, interval=5e-3, pause_gc=False
         )
     finally:
         model.train(was_training)
@@ -274,14 +288,14 @@ def prune_weights(model_or_pm, calib_batches: Sequence[Mapping], cfg: WeightPrun
     )
 
 
-def _prune(cfg: WeightPruneConfig, model: nn.Module, batches: list[dict], progress: bool):
+def _prune(cfg: WeightPruneConfig, model: nn.Module, batches: list[dict], progress: bool, given=None):
     """Allocate, then prune every selected linear in place: (the allocation's inputs, allocated
     sparsity per linear, the units' record for the report, (allocation seconds, total seconds))."""
     start = time.perf_counter()
     stacks = find_stacks(model)
     linears = select_linears(model, stacks, cfg.patterns)
     inputs = AllocationInputs(model, batches, stacks, _units(stacks, linears, cfg.granularity))
-    shares, scores = _allocate(cfg, inputs)
+    shares, scores = _allocate(cfg, inputs, given)
     allocated = {name: shares[unit.name] for unit in inputs.units for name in unit.linears}
     record = [
         dict(name=unit.name, params=unit.params, score=None if scores is None else float(scores[unit.name]),

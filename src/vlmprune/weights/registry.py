@@ -34,12 +34,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
 
 from ..errors import VlmpruneError
+from ..registry import Registry  # the one registry mechanism (also families and methods)
 
 if TYPE_CHECKING:  # annotations only: the kernels' modules sit below the config
     from .calibrate import Stack
@@ -47,42 +48,6 @@ if TYPE_CHECKING:  # annotations only: the kernels' modules sit below the config
     from .local import Pattern
 
 STATS = ("norm", "hessian")  # what a local pruner may ask of a layer's inputs (calibrate.InputStats)
-
-Entry = TypeVar("Entry")
-
-
-class Registry(Generic[Entry]):
-    """Entries by name, in registration order. Messages name the entries `kind` and the config field
-    that picks one `option`."""
-
-    def __init__(self, kind: str, option: str) -> None:
-        self.kind, self.option = kind, option
-        self._entries: dict[str, Entry] = {}
-
-    def add(self, name: str, entry: Entry) -> Entry:
-        if not isinstance(name, str) or not name:
-            raise VlmpruneError(f"a {self.kind} is registered under a non-empty string name, got {name!r}")
-        if name in self._entries:
-            raise VlmpruneError(f"{self.kind} {name!r} is already registered; choose another name")
-        self._entries[name] = entry
-        return entry
-
-    def remove(self, name: str) -> None:
-        """Unregister `name` (e.g. a plugin's entry, to register it again)."""
-        self[name]
-        del self._entries[name]
-
-    def __getitem__(self, name: str) -> Entry:
-        if name not in self._entries:
-            raise VlmpruneError(f"{self.option}={name!r} is not one of {', '.join(self._entries)} (the registered {self.kind}s)")
-        return self._entries[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._entries
-
-    def names(self) -> tuple[str, ...]:
-        return tuple(self._entries)
-
 
 # ----------------------------------------------------------------------------- local pruners
 

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .calibrate import Stack, _capture, _run_block
+from .calibrate import Stack, capture_inputs, run_block
 
 MATCH_RTOL = 1e-5  # relative loss difference above which skipping is judged unsafe for a stack
 
@@ -85,14 +85,14 @@ class SuffixLosses:
         if name != self._stack or index < self._index:
             self._hidden, self._calls = {}, {}
             for b, batch in enumerate(self.batches):  # capture per batch: a batch without images skips the tower
-                first, calls = _capture(stack, [batch])
+                first, calls = capture_inputs(stack, [batch])
                 if first:
                     self._hidden[b], self._calls[b] = first[0], [c[0] for c in calls]
             self._stack, self._index = name, 0
         with torch.no_grad():
             while self._index < index:  # dense block i-1 makes block i's inputs
                 block = stack.blocks[self._index]
-                self._hidden = {b: _run_block(block, x, self._calls[b][self._index]) for b, x in self._hidden.items()}
+                self._hidden = {b: run_block(block, x, self._calls[b][self._index]) for b, x in self._hidden.items()}
                 self._index += 1
         return stack.blocks
 

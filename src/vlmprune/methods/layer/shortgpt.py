@@ -3,7 +3,7 @@ Expect", arXiv:2403.03853): remove the layers whose output changes their input l
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 import torch
@@ -11,7 +11,7 @@ import torch
 from ...engine.plan import Plan
 from ...engine.runner import prefill
 from ...errors import VlmpruneError
-from ..base import check_keep_layers, skip_all_but
+from ..base import check_keep_layers, opt, skip_all_but
 from ..registry import register_method
 
 
@@ -36,7 +36,7 @@ def block_influence(pm, batches: Iterable[dict]) -> torch.Tensor:
     return 1 - sums / counts
 
 
-@register_method("shortgpt")
+@register_method("shortgpt", kind="layers", budget="keep_layers")
 @dataclass(frozen=True)
 class ShortGPT:
     """Keep `keep_layers` decoder layers: the ones with the highest Block Influence on calibration data.
@@ -45,8 +45,10 @@ class ShortGPT:
         pm(**inputs, prune=method)
     """
 
-    keep_layers: int = 0
-    scores: tuple[float, ...] | None = None  # Block Influence per layer, from `calibrate`
+    keep_layers: float | int = opt(0.75, "decoder layers kept: a share in (0, 1] or a count")
+    scores: tuple[float, ...] | None = field(
+        default=None, metadata={"help": "Block Influence per layer, filled by calibrate(pm, batches)", "internal": True}
+    )
 
     def __post_init__(self) -> None:
         check_keep_layers(self.keep_layers)

@@ -17,7 +17,7 @@ from ...engine.runner import StageView
 from ...errors import VlmpruneError
 from ...models.base import PreparedInputs
 from ...validate import check_share
-from ..base import check_keep, check_keep_layers, keep_count, layer_count
+from ..base import check_keep, check_keep_layers, keep_count, layer_count, layers_kept, opt
 from ..budget import sample_shapes
 from ..registry import register_method
 from .checkpoint import load_router, router_path
@@ -136,7 +136,7 @@ class _RouterMethod:
         return counts
 
 
-@register_method("par")
+@register_method("par", kind="hybrid", budget="keep")
 @dataclass(frozen=True)
 class PAR(_RouterMethod):
     """Hybrid PAR: per sample, the router's top `keep` visual tokens (ratio or count) survive from its
@@ -146,9 +146,9 @@ class PAR(_RouterMethod):
         pm(**inputs, prune=par)
     """
 
-    router: str | None = "testbed"
-    keep: float | int = 0.25
-    layers: float = 0.75
+    router: str | None = opt("testbed", "a trained PAR router directory, or 'testbed' (the router shipped for the testbed model)")
+    keep: float | int = opt(0.25, "visual tokens the router keeps: a share in (0, 1] of each sample's, or a count")
+    layers: float = opt(0.75, "share of the decoder layers kept, in (0, 1]")
 
     def __post_init__(self) -> None:
         check_keep(self.keep)
@@ -171,13 +171,13 @@ class PAR(_RouterMethod):
         return self.keep, layer_count(self.layers, pm.n_layers)
 
 
-@register_method("par-tokens")
+@register_method("par-tokens", kind="inside", budget="keep")
 @dataclass(frozen=True)
 class PARTokens(_RouterMethod):
     """Token-only PAR: the router's top `keep` visual tokens (ratio or count); every layer runs."""
 
-    router: str | None = "testbed"
-    keep: float | int = 0.25
+    router: str | None = opt("testbed", "a trained PAR router directory, or 'testbed' (the router shipped for the testbed model)")
+    keep: float | int = opt(0.25, "visual tokens the router keeps: a share in (0, 1] of each sample's, or a count")
 
     def __post_init__(self) -> None:
         check_keep(self.keep)
@@ -186,15 +186,15 @@ class PARTokens(_RouterMethod):
         return self.keep, None
 
 
-@register_method("par-layers")
+@register_method("par-layers", kind="layers", budget="keep_layers")
 @dataclass(frozen=True)
 class PARLayers(_RouterMethod):
     """Layer-only PAR: per sample, the router's top `keep_layers` decoder layers run (or a `layers`
     share when `keep_layers` is None); every visual token stays."""
 
-    router: str | None = "testbed"
-    keep_layers: int | None = None
-    layers: float = 0.75
+    router: str | None = opt("testbed", "a trained PAR router directory, or 'testbed' (the router shipped for the testbed model)")
+    keep_layers: float | int | None = opt(None, "a share in (0, 1] or a count; None: the `layers` share")
+    layers: float = opt(0.75, "share of the decoder layers the router keeps, in (0, 1], when keep_layers is None")
 
     def __post_init__(self) -> None:
         if self.keep_layers is not None:
@@ -202,7 +202,7 @@ class PARLayers(_RouterMethod):
         check_layer_share(self.layers)
 
     def _budget(self, pm):
-        n = self.keep_layers if self.keep_layers is not None else layer_count(self.layers, pm.n_layers)
+        n = layers_kept(self.keep_layers, pm.n_layers) if self.keep_layers is not None else layer_count(self.layers, pm.n_layers)
         if n > pm.n_layers:
             raise VlmpruneError(f"keep_layers={n} but the model has {pm.n_layers} decoder layers")
         return None, n

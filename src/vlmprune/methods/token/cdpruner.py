@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ...engine.plan import Plan
 from ...errors import VlmpruneError
-from ..base import check_keep, check_layer, keep_count
+from ..base import check_keep, check_layer, keep_count, opt
 from ..registry import register_method
 
 EXHAUSTED = 1e-10  # a marginal gain at or below this: the kernel's rank is used up (float64 rounding)
@@ -80,7 +80,7 @@ def dpp_greedy(kernel: torch.Tensor, k: int, quality: torch.Tensor) -> tuple[tor
     return torch.tensor(order, dtype=torch.long), macs
 
 
-@register_method("cdpruner")
+@register_method("cdpruner", kind="before", budget="keep")
 @dataclass(frozen=True)
 class CDPruner:
     """Keep the `keep` visual tokens (ratio or count of each sample's visual tokens) that a conditional
@@ -117,9 +117,9 @@ class CDPruner:
     counted as the method's scoring (``Plan.overhead``, what the run computed).
     """
 
-    keep: float | int = 0.25  # visual tokens kept: a ratio in (0, 1] of each sample's, or a count
-    layer: int = 0  # the decoder layer the kept tokens apply from (0 = the LLM's input)
-    negate_relevance: bool = False  # True: the released sign, relevance = -cos (meant for CLIP features)
+    keep: float | int = opt(0.25, "visual tokens kept: a share in (0, 1] of each sample's, or a count")
+    layer: int = opt(0, "the decoder layer the kept tokens apply from (0 = the LLM's input)")
+    negate_relevance: bool = opt(False, "True: the released sign, relevance = -cos (meant for CLIP features)")
 
     def __post_init__(self) -> None:
         check_keep(self.keep)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ...engine.plan import Plan
 from ...errors import VlmpruneError
 from ...validate import check_integer
-from ..base import Schedule, check_keep, check_layer, keep_count
+from ..base import Schedule, check_keep, check_layer, keep_count, opt
 from ..registry import register_method
 
 RELEASED_KEEP = 128 / 576  # the released default: 128 of LLaVA-1.5's 576 visual tokens (max_num_trunction=128)
@@ -65,7 +65,7 @@ def dart_select(key_l1: torch.Tensor, normed: torch.Tensor, visual: torch.Tensor
     return kept.nonzero().squeeze(1)
 
 
-@register_method("dart")
+@register_method("dart", kind="inside", budget="keep")
 @dataclass(frozen=True)
 class DART:
     """Duplication-aware token reduction: at decoder layer `layer` (K), a few pivot tokens are taken from
@@ -105,10 +105,10 @@ class DART:
     token stage of another method it is an upper bound). The norms are not counted (as everywhere).
     """
 
-    layer: int = 2  # K: tokens leave from this decoder layer on; pivots and similarity come from layer K-1
-    keep: float | int = RELEASED_KEEP  # visual tokens kept: a ratio in (0, 1] of the present ones, or a count
-    pivot_image: int = 4  # visual pivots (largest key L1 norm); kept, and each adds its share of tokens
-    pivot_text: int = 4  # text pivots after the image (largest key L1 norm); add tokens, not kept
+    layer: int = opt(2, "K: tokens leave from this decoder layer on; pivots and similarity come from layer K-1")
+    keep: float | int = opt(RELEASED_KEEP, "visual tokens kept: a share in (0, 1] of the present ones, or a count")
+    pivot_image: int = opt(4, "visual pivots (largest key L1 norm); kept, and each adds its share of tokens")
+    pivot_text: int = opt(4, "text pivots after the image (largest key L1 norm); add tokens, not kept")
 
     def __post_init__(self) -> None:
         check_keep(self.keep)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ...engine.plan import Plan
-from ..base import check_keep, check_layer, keep_count
+from ..base import check_keep, check_layer, keep_count, opt
 from ..registry import register_method
 
 RELEASED_KEEP = 0.098  # the released default SUBSET_RATIO (run_Divprune.sh:11, README.md:33)
@@ -42,7 +42,7 @@ def divprune_select(features: torch.Tensor, k: int) -> torch.Tensor:
     return chosen.nonzero().squeeze(1)
 
 
-@register_method("divprune")
+@register_method("divprune", kind="before", budget="keep")
 @dataclass(frozen=True)
 class DivPrune:
     """Keep the `keep` visual tokens (ratio or count of each sample's visual tokens) that form the most
@@ -70,8 +70,8 @@ class DivPrune:
     scoring (``Plan.overhead``); the greedy minima are not counted (no products).
     """
 
-    keep: float | int = RELEASED_KEEP  # visual tokens kept: a ratio in (0, 1] of each sample's, or a count
-    layer: int = 0  # the decoder layer the kept tokens apply from (0 = the LLM's input)
+    keep: float | int = opt(RELEASED_KEEP, "visual tokens kept: a share in (0, 1] of each sample's, or a count")
+    layer: int = opt(0, "the decoder layer the kept tokens apply from (0 = the LLM's input)")
 
     def __post_init__(self) -> None:
         check_keep(self.keep)

@@ -15,7 +15,7 @@ from ...counts import LMCounts
 from ...errors import VlmpruneError
 from ...models import FAMILIES as MODEL_FAMILIES
 from ...models.vision_cost import llava_next_tokens
-from ..base import check_keep, keep_count
+from ..base import check_keep, keep_count, opt
 from ..registry import register_method
 
 IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
@@ -185,7 +185,7 @@ def _rebuild_ids(input_ids, mask, image_token_id, old, new):
     return ids, new_mask
 
 
-@register_method("downsample")
+@register_method("downsample", kind="before", budget="keep")
 @dataclass(frozen=True)
 class Downsample:
     """Re-process each image at the lower resolution that gives `keep` (ratio or count of each sample's
@@ -231,10 +231,14 @@ class Downsample:
     and clips), and starts from the processed image (Qwen: already resized by ``smart_resize``;
     LLaVA-NeXT: the grid's resolution, which may be below the original's), so pixel values differ
     slightly; token counts, grids, positions and the tower's FLOPs are the same. The resampling itself
-    is not priced (no matrix products). Video inputs are not supported.
+    is not priced (no matrix products). An image whose resolution does not change (e.g. ``keep=1.0``)
+    passes through untouched, so keeping everything is the unpruned model exactly. Video inputs are not
+    supported.
     """
 
-    keep: float | int = 0.25
+    keep: float | int = opt(
+        0.25, "visual tokens aimed at: a share in (0, 1] of each sample's, or a count (the lower resolution that comes closest)"
+    )
 
     def __post_init__(self) -> None:
         check_keep(self.keep)
@@ -325,8 +329,8 @@ class Downsample:
         given = inputs.get("attention_mask")
         mask = torch.ones_like(input_ids, dtype=torch.bool) if given is None else given.bool()
         images = self._images(pm, input_ids, mask, {k: inputs.get(k) for k in IMAGE_KEYS})
-        if not images:
-            return inputs
+        if all(tuple(im["new_size"]) == tuple(im["size"]) for im in images):
+            return inputs  # every image keeps its resolution (e.g. keep=1.0): nothing to re-encode
         pixels = inputs["pixel_values"]
         out = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}  # the adapter derives it from input_ids
         if pm.config.model_type == "llava_next":
@@ -340,7 +344,8 @@ class Downsample:
             out.update(pixel_values=batch, image_sizes=torch.as_tensor([im["new_size"] for im in images]).to(sizes))
         else:
             starts = np.cumsum([0] + [h * w for h, w in (im["size"] for im in images)])
-            rows = [qwen_pixels(pm.config, pixels[starts[i] : starts[i + 1]], im["size"], im["new_size"])
+            rows = [pixels[starts[i] : starts[i + 1]] if tuple(im["new_size"]) == tuple(im["size"])  # an image left as it is
+                    else qwen_pixels(pm.config, pixels[starts[i] : starts[i + 1]], im["size"], im["new_size"])
                     for i, im in enumerate(images)]
             grid = inputs["image_grid_thw"]
             out.update(pixel_values=torch.cat(rows),

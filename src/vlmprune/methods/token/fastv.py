@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 from ...engine.plan import Plan
 from ...errors import VlmpruneError
-from ..base import Schedule, check_keep, check_layer, keep_count, last_token_attention, top_visual
+from ..base import Schedule, check_keep, check_layer, keep_count, last_token_attention, opt, top_visual
 from ..registry import register_method
 
 
-@register_method("fastv")
+@register_method("fastv", kind="inside", budget="keep")
 @dataclass(frozen=True)
 class FastV:
     """At decoder layer `layer` (K), keep the `keep` visual tokens (ratio or count) that the last token
@@ -19,8 +19,8 @@ class FastV:
         pm(**inputs, prune=vlmprune.FastV(layer=2, keep=0.25))
     """
 
-    layer: int = 2
-    keep: float | int = 0.25
+    layer: int = opt(2, "K: at this decoder layer the visual tokens the last token attended to least (in layer K-1) leave")
+    keep: float | int = opt(0.25, "visual tokens kept: a share in (0, 1] of each sample's, or a count")
 
     def __post_init__(self) -> None:
         check_keep(self.keep)

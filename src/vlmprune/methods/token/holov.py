@@ -11,7 +11,7 @@ import torch
 
 from ...engine.plan import Plan
 from ...validate import check_integer, check_number
-from ..base import check_keep, check_layer, keep_count
+from ..base import check_keep, check_layer, keep_count, opt
 from ..registry import register_method
 from .vispruner import tower_scores
 
@@ -91,7 +91,7 @@ def holov_select(
     return torch.cat(kept).sort().values if kept else candidates[:0], macs
 
 
-@register_method("holov")
+@register_method("holov", kind="before", budget="keep")
 @dataclass(frozen=True)
 class HoloV:
     """Keep up to `keep` visual tokens (ratio or count of each sample's visual tokens), chosen before
@@ -135,10 +135,10 @@ class HoloV:
     LLaVA code concatenates them.
     """
 
-    keep: float | int = 0.25
-    crops: int | None = None
-    beta: float = 0.09
-    layer: int = 0
+    keep: float | int = opt(0.25, "visual tokens kept: a share in (0, 1] of each sample's, or a count")
+    crops: int | None = opt(None, "crops the visual sequence is cut into (None: HoloV's rule, about 1024/576 x n / keep)")
+    beta: float = opt(0.09, "weight of the similarity variance in a token's score, against its attention")
+    layer: int = opt(0, "the decoder layer the kept tokens apply from (0 = the LLM's input)")
 
     def __post_init__(self) -> None:
         check_keep(self.keep)

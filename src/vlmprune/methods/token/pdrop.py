@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...engine.plan import Plan
-from ..base import Schedule, check_keep, check_stages, keep_count, last_token_attention, stage_layers, top_visual
+from ..base import Schedule, check_keep, check_stages, keep_count, last_token_attention, opt, stage_layers, top_visual
 from ..registry import register_method
 
 
-@register_method("pdrop")
+@register_method("pdrop", kind="inside", budget="keep")
 @dataclass(frozen=True)
 class PDrop:
     """The decoder is split into stages at fractions `stages` of its depth; at each stage boundary the
@@ -22,9 +22,11 @@ class PDrop:
         pm(**inputs, prune=vlmprune.PDrop(keep=0.125))  # lambda = 0.5 over three stages (4+ layers)
     """
 
-    keep: float = 0.125
-    stages: tuple[float, ...] = (0.25, 0.5, 0.75)
-    ratio: float | None = None
+    keep: float = opt(0.125, "the final share of visual tokens, in (0, 1], after the last stage")
+    stages: tuple[float, ...] = opt(
+        (0.25, 0.5, 0.75), "increasing fractions of the depth in (0, 1) where a stage boundary drops tokens"
+    )
+    ratio: float | None = opt(None, "lambda: the share of the present visual tokens each stage keeps (None: keep ** (1 / stages))")
 
     def __post_init__(self) -> None:
         check_stages("PDrop", self.keep, self.stages)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ...engine.plan import Plan
-from ..base import check_keep, check_layer, keep_count
+from ..base import check_keep, check_layer, keep_count, opt
 from ..registry import register_method
 
 
@@ -32,7 +32,7 @@ def pooled_groups(rows: int, cols: int, target: int) -> tuple[torch.Tensor, torc
     return assign, torch.unique(assign)
 
 
-@register_method("pool")
+@register_method("pool", kind="before", budget="keep")
 @dataclass(frozen=True)
 class Pool:
     """Average-pool each sample's visual grid to about `keep` tokens (ratio or count) at `layer`
@@ -40,8 +40,8 @@ class Pool:
     tokens are not one grid (LLaVA-NeXT tiles, several images) are pooled in 1-D runs of the sequence.
     The achieved count is in the run's stats."""
 
-    keep: float | int = 0.25
-    layer: int = 0
+    keep: float | int = opt(0.25, "visual tokens kept: a share in (0, 1] of each sample's, or a count")
+    layer: int = opt(0, "the decoder layer the kept tokens apply from (0 = the LLM's input)")
 
     def __post_init__(self) -> None:
         check_keep(self.keep)

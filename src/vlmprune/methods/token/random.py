@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from ...engine.plan import Plan
-from ..base import check_keep, check_layer, keep_count, sample_generator
+from ..base import check_keep, check_layer, keep_count, opt, sample_generator
 from ..registry import register_method
 
 
-@register_method("random")
+@register_method("random", kind="before", budget="keep")
 @dataclass(frozen=True)
 class Random:
     """Keep a uniformly random `keep` (ratio or count) of each sample's visual tokens from `layer` on
@@ -20,9 +20,9 @@ class Random:
     `stratified-random` does), so the same sample gets the same tokens alone or at any position of any
     padded batch, and different samples draw independently."""
 
-    keep: float | int = 0.25
-    layer: int = 0
-    seed: int = 0
+    keep: float | int = opt(0.25, "visual tokens kept: a share in (0, 1] of each sample's, or a count")
+    layer: int = opt(0, "the decoder layer the kept tokens apply from (0 = the LLM's input)")
+    seed: int = opt(0, "seed of the random draws (each sample's draws also depend on the sample alone)")
 
     def __post_init__(self) -> None:
         check_keep(self.keep)

@@ -11,11 +11,11 @@ import torch
 from ...engine.plan import Plan
 from ...errors import VlmpruneError
 from ...validate import is_integer, is_share
-from ..base import Schedule, check_stages, keep_count, stage_layers
+from ..base import Schedule, check_stages, keep_count, opt, stage_layers
 from ..registry import register_method
 
 
-@register_method("sparsevlm")
+@register_method("sparsevlm", kind="inside", budget="keep")
 @dataclass(frozen=True)
 class SparseVLM:
     """Text-guided, multi-stage visual-token sparsification with token recycling.
@@ -31,10 +31,10 @@ class SparseVLM:
        of hidden states) and each cluster is merged into its centre, which takes one of the kept slots.
     """
 
-    keep: float = 0.25
-    stages: tuple[float, ...] = (2 / 32, 6 / 32, 15 / 32)
-    recycle: float = 0.3
-    cluster_size: int = 4
+    keep: float = opt(0.25, "the final share of visual tokens, in (0, 1], after the last stage")
+    stages: tuple[float, ...] = opt((2 / 32, 6 / 32, 15 / 32), "fractions of the depth in (0, 1) where the stages prune, increasing")
+    recycle: float = opt(0.3, "share in [0, 1] of each stage's deleted tokens (the best-scored) recycled into merged cluster centres")
+    cluster_size: int = opt(4, "recycled tokens per cluster centre (>= 1)")
 
     def __post_init__(self) -> None:
         check_stages("SparseVLM", self.keep, self.stages)

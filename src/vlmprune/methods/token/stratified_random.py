@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from ...engine.plan import Plan
-from ..base import check_keep, check_layer, keep_count, sample_generator
+from ..base import check_keep, check_layer, keep_count, opt, sample_generator
 from ..registry import register_method
 from ..tiles import balanced_scores
 
 
-@register_method("stratified-random")
+@register_method("stratified-random", kind="before", budget="keep")
 @dataclass(frozen=True)
 class StratifiedRandom:
     """Keep a random `keep` (ratio or count) of each sample's visual tokens from `layer` on (0 = before
@@ -28,9 +28,9 @@ class StratifiedRandom:
     (seeded from `seed` and a fingerprint of that sample alone), so the same sample gets the same tokens
     alone or in any padded batch, and a different `seed` gives a different choice."""
 
-    keep: float | int = 0.25
-    layer: int = 0
-    seed: int = 0
+    keep: float | int = opt(0.25, "visual tokens kept: a share in (0, 1] of each sample's, or a count")
+    layer: int = opt(0, "the decoder layer the kept tokens apply from (0 = the LLM's input)")
+    seed: int = opt(0, "seed of the random draws (each sample's draws also depend on the sample alone)")
 
     def __post_init__(self) -> None:
         check_keep(self.keep)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ...engine.plan import Plan
-from ..base import check_keep, check_layer, check_share, keep_count
+from ..base import check_keep, check_layer, check_share, keep_count, opt
 from ..registry import register_method
 
 PAPER_DOMINANT_SHARE = 54 / 64  # the paper's 64-token setting: 54 dominant + 10 contextual (also 108+20, 162+30)
@@ -62,7 +62,7 @@ def visionzip_groups(
     return keep, assign
 
 
-@register_method("visionzip")
+@register_method("visionzip", kind="before", budget="keep")
 @dataclass(frozen=True)
 class VisionZip:
     """Keep `keep` visual tokens (ratio or count of each sample's visual tokens) chosen before the LLM:
@@ -82,9 +82,11 @@ class VisionZip:
     no patch in the tower: they are never kept (the kept count is ``min(keep, tokens with a patch)``).
     """
 
-    keep: float | int = 0.25
-    dominant_share: float = PAPER_DOMINANT_SHARE
-    layer: int = 0
+    keep: float | int = opt(0.25, "visual tokens kept: a share in (0, 1] of each sample's, or a count")
+    dominant_share: float = opt(
+        PAPER_DOMINANT_SHARE, "share of the kept tokens that are dominant ones (by the vision tower's attention); the rest are merged contextual tokens"
+    )
+    layer: int = opt(0, "the decoder layer the kept tokens apply from (0 = the LLM's input)")
 
     def __post_init__(self) -> None:
         check_keep(self.keep)

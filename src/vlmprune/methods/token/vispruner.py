@@ -11,8 +11,8 @@ import torch
 
 from ...engine.plan import Plan
 from ...errors import VlmpruneError
-from ...eval.flops import vision_score_macs
-from ..base import check_keep, check_layer, check_share, keep_count
+from ...models.vision_cost import vision_score_macs
+from ..base import check_keep, check_layer, check_share, keep_count, opt
 from ..registry import register_method
 
 REMOVED_PER_ROUND = 8  # near-duplicates removed per matching round (released llava/model/llava_arch.py:163)
@@ -77,7 +77,7 @@ def vispruner_select(
     return kept.sort().values, macs
 
 
-@register_method("vispruner")
+@register_method("vispruner", kind="before", budget="keep")
 @dataclass(frozen=True)
 class VisPruner:
     """Keep `keep` visual tokens (ratio or count of each sample's visual tokens) chosen before the LLM
@@ -113,9 +113,11 @@ class VisPruner:
     concatenated), the analogue of LLaVA's pre-projector features.
     """
 
-    keep: float | int = 0.25
-    important_share: float = 0.5
-    layer: int = 0
+    keep: float | int = opt(0.25, "visual tokens kept: a share in (0, 1] of each sample's, or a count")
+    important_share: float = opt(
+        0.5, "share of the kept tokens chosen as important (by the vision tower's attention); the rest are diverse"
+    )
+    layer: int = opt(0, "the decoder layer the kept tokens apply from (0 = the LLM's input)")
 
     def __post_init__(self) -> None:
         check_keep(self.keep)
