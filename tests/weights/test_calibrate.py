@@ -167,12 +167,12 @@ def test_capture_computes_only_the_first_block_and_records_the_real_calls(family
         hooks = [next(iter(b.children())).register_forward_hook(lambda *a, i=i: ran.__setitem__(i, ran[i] + 1))
                  for i, b in enumerate(stack.blocks)]
         try:
-            first, calls = calibrate.capture_inputs(stack, batches)
+            first, calls, _ = calibrate.capture_inputs(stack, batches)
             reached = len(first)
             assert ran[0] == reached + 1 and all(n == 1 for n in ran[1:])  # one real forward, for the check
             monkeypatch.setattr(calibrate, "_same_call", lambda a, b: False)
             with pytest.warns(UserWarning, match="runs whole forwards"):
-                slow_first, slow_calls = calibrate.capture_inputs(stack, batches)
+                slow_first, slow_calls, _ = calibrate.capture_inputs(stack, batches)
             monkeypatch.undo()
         finally:
             for h in hooks:

@@ -50,14 +50,19 @@ def opt(default: Any, help: str, parse: Callable[[str], Any] | None = None, **kw
     return field(default=default, metadata={"help": help, **({"parse": parse} if parse else {})}, **kwargs)
 
 
+def _check_budget(value, what: str, unit: str, share: str, of: str = "") -> None:
+    """A budget: a `share` in (0, 1] (float) or a `unit` count >= 1 (int); a bool is neither."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise VlmpruneError(f"{what} must be a {share}{of} in (0, 1] or a {unit} count >= 1, got {value!r}")
+    if isinstance(value, float) and not 0 < value <= 1:
+        raise VlmpruneError(f"{what}={value} is outside (0, 1]; give a {share} in (0, 1] or an integer {unit} count")
+    if isinstance(value, int) and value < 1:
+        raise VlmpruneError(f"{what}={value}: a {unit} count must be >= 1")
+
+
 def check_keep(keep: float | int, what: str = "keep") -> None:
     """A token budget: a ratio in (0, 1] (float) or a count >= 1 (int)."""
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise VlmpruneError(f"{what} must be a ratio in (0, 1] or a token count >= 1, got {keep!r}")
-    if isinstance(keep, float) and not 0 < keep <= 1:
-        raise VlmpruneError(f"{what}={keep} is outside (0, 1]; give a ratio in (0, 1] or an integer token count")
-    if isinstance(keep, int) and keep < 1:
-        raise VlmpruneError(f"{what}={keep}: a token count must be >= 1")
+    _check_budget(keep, what, "token", "ratio")
 
 
 def keep_count(keep: float | int, n_visual: int) -> int:
@@ -116,12 +121,7 @@ def check_layer(layer: int, n_layers: int, lowest: int = 0, what: str = "layer")
 
 def check_keep_layers(keep_layers: float | int) -> None:
     """A layer budget, as a token budget: a share of the decoder layers in (0, 1] (float) or a count >= 1 (int)."""
-    if isinstance(keep_layers, bool) or not isinstance(keep_layers, (int, float)):
-        raise VlmpruneError(f"keep_layers must be a share of the decoder layers in (0, 1] or a layer count >= 1, got {keep_layers!r}")
-    if isinstance(keep_layers, float) and not 0 < keep_layers <= 1:
-        raise VlmpruneError(f"keep_layers={keep_layers} is outside (0, 1]; give a share in (0, 1] or an integer layer count")
-    if isinstance(keep_layers, int) and keep_layers < 1:
-        raise VlmpruneError(f"keep_layers={keep_layers}: a layer count must be >= 1")
+    _check_budget(keep_layers, "keep_layers", "layer", "share", " of the decoder layers")
 
 
 def layer_count(share: float, n_layers: int) -> int:
@@ -153,7 +153,10 @@ def parse_budget(text: str, field: str = "keep") -> float | int:
         value: float | int = int(text) if text.lstrip("+").isdigit() else float(text)
     except ValueError:
         raise VlmpruneError(f"{field} takes a share in (0, 1] (e.g. 0.25, or 1.0 for all) or a count (e.g. 64), got {text!r}") from None
-    check_keep_layers(value) if field == "keep_layers" else check_keep(value, field)
+    if field == "keep_layers":
+        check_keep_layers(value)
+    else:
+        check_keep(value, field)
     return value
 
 

@@ -187,9 +187,9 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, _Call]:
     return rest.pop("hidden_states"), _Call((), rest, True)
 
 
-def capture_inputs(stack: Stack, batches: Sequence[Mapping]) -> tuple[list[torch.Tensor], list[list[_Call]]]:
-    """Hidden states reaching the stack's first block, and every block's call (per batch that reaches
-    the stack; a batch without images does not reach the vision tower).
+def capture_inputs(stack: Stack, batches: Sequence[Mapping]) -> tuple[list[torch.Tensor], list[list[_Call]], list[int]]:
+    """Hidden states reaching the stack's first block, every block's call, and which batches they are
+    (per batch that reaches the stack, in order; a batch without images does not reach the vision tower).
 
     Only the first block computes: the others hand their input hidden states on unchanged (in the
     first block's output form), so capturing costs about one block per batch instead of the whole
@@ -198,6 +198,7 @@ def capture_inputs(stack: Stack, batches: Sequence[Mapping]) -> tuple[list[torch
     batch runs the real forward, with a warning."""
     first: list[torch.Tensor] = []
     calls: list[list[_Call]] = [[] for _ in stack.blocks]
+    reached: list[int] = []
     template: list = []  # the first block's output, whose form the skipped blocks give back
 
     def recorder(i: int):
@@ -219,7 +220,7 @@ def capture_inputs(stack: Stack, batches: Sequence[Mapping]) -> tuple[list[torch
         try:
             stack.run(batch)
         finally:
-            _unpatch_forward(stack.blocks[1:])
+            unpatch_forward(stack.blocks[1:])
         counts = {len(c) - before for c in calls}
         if counts - {0, 1} or len(counts) > 1:
             raise VlmpruneError(
@@ -231,16 +232,19 @@ def capture_inputs(stack: Stack, batches: Sequence[Mapping]) -> tuple[list[torch
     handles.append(stack.blocks[0].register_forward_hook(keep_output))
     try:
         with torch.no_grad():
-            skip = checked = len(stack.blocks) == 1  # one block: nothing to skip or check
-            skip = not skip
+            checked = len(stack.blocks) == 1  # one block: nothing to skip, nothing to check
+            skip = not checked
             for b, batch in enumerate(batches):
+                before = len(first)
                 if checked:
                     run(b, batch, skip)
+                    if len(first) > before:
+                        reached.append(b)
                     continue
-                reached = len(first)
                 run(b, batch, False)  # the first batch that reaches the stack runs for real once ...
-                if len(first) == reached:
+                if len(first) == before:
                     continue
+                reached.append(b)
                 real = [c.pop() for c in calls]
                 first.pop()
                 run(b, batch, True)  # ... and again skipping, to compare the calls
@@ -254,7 +258,7 @@ def capture_inputs(stack: Stack, batches: Sequence[Mapping]) -> tuple[list[torch
     finally:
         for h in handles:
             h.remove()
-    return first, calls
+    return first, calls, reached
 
 
 def _hand_on(blocks: Sequence[nn.Module], template: list) -> None:
@@ -270,7 +274,8 @@ def _hand_on(blocks: Sequence[nn.Module], template: list) -> None:
         block.forward = forward
 
 
-def _unpatch_forward(blocks: Sequence[nn.Module]) -> None:
+def unpatch_forward(blocks: Sequence[nn.Module]) -> None:
+    """Give the blocks their own forward back (drop an instance attribute that patched it)."""
     for block in blocks:
         block.__dict__.pop("forward", None)
 
@@ -319,7 +324,7 @@ def blockwise(
                 chosen[i] = found
         if not chosen:
             continue
-        hidden, calls = capture_inputs(stack, batches)
+        hidden, calls, _ = capture_inputs(stack, batches)
         if not hidden:
             raise VlmpruneError(
                 f"no calibration batch reaches the {stack.name} blocks (e.g. no images for the vision tower); "

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .calibrate import Stack, capture_inputs, run_block
+from .calibrate import Stack, capture_inputs, run_block, unpatch_forward
 
 MATCH_RTOL = 1e-5  # relative loss difference above which skipping is judged unsafe for a stack
 
@@ -70,7 +70,7 @@ class SuffixLosses:
                 self._safe[stack] = self._check(skipped)
             yield
         finally:
-            _unpatch(skipped)
+            unpatch_forward(skipped)
 
     # ------------------------------------------------------------------ internals
 
@@ -83,11 +83,9 @@ class SuffixLosses:
     def _move_to(self, name: str, index: int) -> nn.ModuleList:
         stack = self._stack_named(name)
         if name != self._stack or index < self._index:
-            self._hidden, self._calls = {}, {}
-            for b, batch in enumerate(self.batches):  # capture per batch: a batch without images skips the tower
-                first, calls = capture_inputs(stack, [batch])
-                if first:
-                    self._hidden[b], self._calls[b] = first[0], [c[0] for c in calls]
+            first, calls, reached = capture_inputs(stack, self.batches)  # a batch without images skips the tower
+            self._hidden = dict(zip(reached, first))
+            self._calls = {b: [c[j] for c in calls] for j, b in enumerate(reached)}
             self._stack, self._index = name, 0
         with torch.no_grad():
             while self._index < index:  # dense block i-1 makes block i's inputs
@@ -110,9 +108,9 @@ class SuffixLosses:
         b = next(iter(self._hidden), None)
         if b is None:
             return True
-        with torch.no_grad():  # a loss may be one scalar or one per row (`samples.row_losses`)
+        with torch.no_grad():  # a loss may be one scalar or per-row sums (`samples.loss_sums`)
             fast = torch.as_tensor(self._loss(b)).double()
-            _unpatch(skipped)
+            unpatch_forward(skipped)
             whole = torch.as_tensor(self._loss(b)).double()
         self._patch(skipped)
         gap = float((fast - whole).abs().max())
@@ -123,11 +121,5 @@ class SuffixLosses:
             "zeroth-order scores run whole forwards for this stack (slower, same result)",
             stacklevel=3,
         )
-        _unpatch(skipped)
+        unpatch_forward(skipped)
         return False
-
-
-def _unpatch(blocks: Sequence[nn.Module]) -> None:
-    """Give the blocks their own forward back (drop the instance attribute `_patch` set)."""
-    for block in blocks:
-        block.__dict__.pop("forward", None)
