@@ -14,6 +14,10 @@
       the host synchronisations one prefill makes (`torch.cuda.set_sync_debug_mode`).
   (c) decode tokens/s through the full and the pruned KV caches, and peak memory
       (`torch.cuda.max_memory_allocated`) of each run.
+  (d) 2:4 sparsity that runs faster: the same LM with random 2:4 weights in every decoder linear, as a
+      masked dense model and with `vlmprune.weights.semi_structured` kernels (cuSPARSELt / CUTLASS):
+      prefill ms, decode tokens/s, and the logits' agreement within bf16 tolerance. Off CUDA nothing is
+      converted (the notice is recorded) and both rows time the same dense model.
 
 Prints a table and writes docs/gpu_check.json (temporary file, then rename) with the date, the GPU's
 name and the torch version.
@@ -384,6 +388,73 @@ def speed(sizes: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return out
 
 
+def _mask_two_four(model: torch.nn.Module, seed: int = 0) -> int:
+    """Zero 2 of every 4 input columns (random positions) in every decoder linear; how many linears."""
+    gen = torch.Generator().manual_seed(seed)
+    count = 0
+    for module in model.model.language_model.modules():
+        if isinstance(module, torch.nn.Linear):
+            rows, cols = module.weight.shape
+            drop = torch.rand(rows, cols // 4, 4, generator=gen).argsort(-1)[..., :2]
+            keep = torch.ones(rows, cols // 4, 4, dtype=torch.bool).scatter_(-1, drop, False).reshape(rows, cols)
+            module.weight.data.mul_(keep.to(module.weight.device))
+            count += 1
+    return count
+
+
+@torch.no_grad()
+def sparse24(sizes: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """(d) the same LLaVA-1.5-7B-shaped LM with random 2:4 weights: masked dense against
+    `vlmprune.weights.semi_structured` kernels, prefill ms and decode tokens/s, and the logits' agreement."""
+    from vlmprune.weights.semi_structured import to_semi_structured
+
+    model = llava_7b_shaped(sizes, device, dtype)
+    masked = _mask_two_four(model)
+    pm = vlmprune.wrap(model)
+    prep = pm.prepare(**_inputs_7b(model, sizes, device))
+    plan, policies = resolve_prune(vlmprune.Plan(), pm, prep)
+    clock, steps = Clock(device), sizes["decode_steps"]
+
+    def run() -> dict:
+        prefill(pm.adapter, prep, plan, policies, logits_to_keep=1)  # warm-up
+        ms = statistics.median(clock.time(lambda: prefill(pm.adapter, prep, plan, policies, logits_to_keep=1))
+                               for _ in range(sizes["repeats"])) * 1e3
+        res = prefill(pm.adapter, prep, plan, policies, logits_to_keep=1)
+        logits, token, positions, tokens = res.last_logits.float(), res.last_logits.argmax(-1), res.next_position.clone(), []
+
+        def decode():
+            nonlocal token
+            for _ in range(steps):
+                token = decode_step(pm.adapter, res.cache, token, positions).argmax(-1)
+                tokens.append(token)
+                positions.add_(1)
+
+        seconds = clock.time(decode)
+        return dict(prefill_ms=ms, tokens_per_s=sizes["batch"] * steps / seconds, logits=logits, tokens=torch.stack(tokens, -1))
+
+    dense = run()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        report = to_semi_structured(model)
+    sparse = run()
+    diff = float((sparse["logits"] - dense["logits"]).abs().max())
+    scale = float(dense["logits"].abs().max())
+    ok = diff <= TOLERANCE[torch.bfloat16] * scale
+    out = dict(masked_linears=masked, converted_linears=len(report.converted), skipped=report.skipped,
+               notice=report.notice or (str(seen[0].message) if seen else None), dtype=str(dtype),
+               dense_prefill_ms=dense["prefill_ms"], sparse_prefill_ms=sparse["prefill_ms"],
+               prefill_speedup=dense["prefill_ms"] / sparse["prefill_ms"],
+               dense_tokens_per_s=dense["tokens_per_s"], sparse_tokens_per_s=sparse["tokens_per_s"],
+               decode_speedup=sparse["tokens_per_s"] / dense["tokens_per_s"],
+               max_abs_logit_diff=diff, max_abs_logit=scale,
+               first_token_agreement=float((sparse["tokens"][:, 0] == dense["tokens"][:, 0]).float().mean()),
+               greedy_agreement=float((sparse["tokens"] == dense["tokens"]).float().mean()), passed=ok)
+    del model, pm, prep
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
 # ----------------------------------------------------------------------------- report
 def _print(result: dict) -> None:
     print(f"{result['gpu']} | torch {result['torch']} | transformers {result['transformers']} | {result['date']}")
@@ -418,7 +489,17 @@ def _print(result: dict) -> None:
         syncs = "-" if r["syncs_per_decode_step"] is None else r["syncs_per_decode_step"]
         print(f"| {r['setting']:<28} | {r['tokens_per_s']:8.1f} | {r['kv_gib_after_prefill']:6.2f} | {peak:>8} | {syncs:>10} |")
     print(f"\nno host synchronisation per layer (full and skip prefills make as many): {s['per_layer_sync_free']}")
-    print(f"all equivalence and split checks passed: {result['passed']}  ({result['seconds']:.0f} s)")
+    d = result["sparse24"]
+    print(f"\n(d) 2:4 sparse kernels, the same LM with random 2:4 weights ({d['dtype']}): {d['converted_linears']} of "
+          f"{d['masked_linears']} decoder linears converted" + (f" ({d['notice']})" if d["notice"] else ""))
+    print("| model        | prefill ms | decode tokens/s |")
+    print("|--------------|-----------:|----------------:|")
+    print(f"| masked dense | {d['dense_prefill_ms']:10.1f} | {d['dense_tokens_per_s']:15.1f} |")
+    print(f"| 2:4 kernels  | {d['sparse_prefill_ms']:10.1f} | {d['sparse_tokens_per_s']:15.1f} |")
+    print(f"speed-up: prefill {d['prefill_speedup']:.2f}x, decode {d['decode_speedup']:.2f}x; logits max |diff| "
+          f"{d['max_abs_logit_diff']:.2e} of max |logit| {d['max_abs_logit']:.2f} (pass: {'yes' if d['passed'] else 'NO'}); "
+          f"greedy agreement {d['greedy_agreement']:.3f}")
+    print(f"all equivalence, split and 2:4 checks passed: {result['passed']}  ({result['seconds']:.0f} s)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -447,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     result["equivalence"] = equivalence(sizes, device)
     result["split"] = split(sizes, device)
     result["speed"] = speed(sizes, device, getattr(torch, sizes["speed_dtype"]))
-    result["passed"] = all(r["passed"] for r in result["equivalence"] + result["split"])
+    result["sparse24"] = sparse24(sizes, device, getattr(torch, sizes["speed_dtype"]))
+    result["passed"] = all(r["passed"] for r in result["equivalence"] + result["split"] + [result["sparse24"]])
     result["seconds"] = time.perf_counter() - start
     _print(result)
     out = write_json(args.json or ("benchmarks/results/gpu_check_smoke.json" if args.smoke else "docs/gpu_check.json"), result)

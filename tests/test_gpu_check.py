@@ -36,6 +36,10 @@ def test_smoke_run_on_cpu(gpu_check, tmp_path, capsys):
         assert row["prefill_ms"] > 0 and row["predicted_speedup"] >= 1.0 and 0 < row["flops_share"] <= 1.0
     assert speed["prefill"][2]["predicted_speedup"] > 1.5  # 2 of 4 layers skipped in the smoke shape
     assert all(r["tokens_per_s"] > 0 for r in speed["decode"])
+    d = result["sparse24"]  # off CUDA nothing converts: the notice says why and the logits are the dense model's
+    assert d["masked_linears"] == 7 * gpu_check.SMOKE["layers"] and d["converted_linears"] == 0
+    assert "CUDA GPU" in d["notice"] and d["max_abs_logit_diff"] == 0.0 and d["greedy_agreement"] == 1.0
+    assert "(d) 2:4 sparse kernels" in printed
     assert not list(tmp_path.glob("*.tmp"))  # written through a temporary file and a rename
 
 

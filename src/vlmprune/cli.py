@@ -107,13 +107,20 @@ def _add_device_args(parser: argparse.ArgumentParser) -> None:
                         "accelerate's big-model dispatch (also balanced, sequential); not together with --device")
 
 
+def _add_sparse_kernels_arg(parser: argparse.ArgumentParser) -> None:
+    """--sparse-kernels, for the commands that run a (pruned) model."""
+    parser.add_argument("--sparse-kernels", action="store_true", help="run 2:4-pruned linears (prune-weights --nm 2:4) "
+                        "on the sparse tensor cores of a CUDA GPU of compute capability 8.0+, in float16 / bfloat16; "
+                        "elsewhere the model stays dense, with a notice")
+
+
 def _load_kwargs(args: argparse.Namespace) -> dict:
     """--device / --dtype / --device-map as `vlmprune.load` keywords, checked now (a bad value fails before any loading)."""
     from .loading import load_options
 
     kwargs = dict(device=args.device, dtype=args.dtype, device_map=args.device_map)
     load_options(**kwargs)
-    return kwargs
+    return {**kwargs, "sparse_kernels": True} if getattr(args, "sparse_kernels", False) else kwargs
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -358,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=20)
     _add_decision_args(gen)
     _add_device_args(gen)
+    _add_sparse_kernels_arg(gen)
     gen.set_defaults(func=_cmd_generate)
 
     ev = sub.add_parser("eval", help="answers on your data (--data) or accuracy on the shipped FashionScenes evaluation set")
@@ -369,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=32, help="longest generated answer on --data (default 32)")
     _add_decision_args(ev)
     _add_device_args(ev)
+    _add_sparse_kernels_arg(ev)
     ev.set_defaults(func=_cmd_eval)
 
     testbed = sub.add_parser("testbed", help="the embedded default: train the FashionScenes LLaVA")
@@ -408,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--calib-data", help="calibration data for ShortGPT, read like --data (default: FashionScenes "
                     "training scenes, for the testbed only)")
     _add_device_args(sw)
+    _add_sparse_kernels_arg(sw)
     sw.set_defaults(func=_cmd_sweep)
 
     pw = sub.add_parser("prune-weights", help="prune weights (allocation x local pruner) and save a transformers checkpoint")

@@ -158,6 +158,7 @@ def load(
     offload_folder: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
+    sparse_kernels: bool = False,
 ) -> PrunedModel:
     """Load a supported VLM checkpoint and its processor, and wrap it.
 
@@ -171,6 +172,11 @@ def load(
     ``{0: "70GiB", "cpu": "100GiB"}``) and ``offload_folder`` (for modules sent to disk); the engine
     runs each decoder layer where it lives and moves its inputs there. ``dtype``: ``"bfloat16"``,
     ``"float16"``, ``"float32"``, a `torch.dtype`, or ``"auto"`` (the checkpoint's dtype).
+
+    ``sparse_kernels``: turn 2:4-pruned linears (``prune_weights(nm="2:4")``) into PyTorch
+    semi-structured sparse tensors, which run on the sparse tensor cores of CUDA GPUs of compute
+    capability 8.0+ in float16 / bfloat16 (`vlmprune.weights.semi_structured`); elsewhere the model
+    stays dense, with a notice.
     """
     from transformers import AutoConfig
 
@@ -184,6 +190,10 @@ def load(
     cls = family(config.model_type, f"{location}: ").transformers_class()
     model = from_pretrained(cls, location, options, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
     processor = load_processor(location, config.model_type, trust_remote_code)
+    if sparse_kernels:
+        from .weights.semi_structured import to_semi_structured
+
+        to_semi_structured(model)
     return PrunedModel(model, processor)
 
 

@@ -128,7 +128,7 @@ def sweep(
     else:
         samples, data_id = _samples(samples, limit)
     load_options = _check_load_options(model, load_options)
-    model_id = _model_id(model) + _dtype_suffix(load_options)
+    model_id = _model_id(model) + _dtype_suffix(load_options) + (":sparse-kernels" if load_options.get("sparse_kernels") else "")
     calib_id = calib if calibration is None else _calibration_id(calibration)
     specs = [_Spec(FULL, 1.0, {})]
     for name in names:
@@ -471,10 +471,11 @@ def _check_load_options(model, load_options: dict[str, Any] | None) -> dict[str,
         return {}
     if isinstance(model, PrunedModel):
         raise VlmpruneError("load_options apply when the sweep loads the model by name; this model is already loaded")
-    unknown = set(options) - {"device", "dtype", "device_map", "max_memory", "offload_folder"}
+    unknown = set(options) - {"device", "dtype", "device_map", "max_memory", "offload_folder", "sparse_kernels"}
     if unknown:
-        raise VlmpruneError(f"unknown load_options {sorted(unknown)}; vlmprune.load takes device, dtype, device_map, max_memory, offload_folder")
-    check(**options)
+        raise VlmpruneError(f"unknown load_options {sorted(unknown)}; vlmprune.load takes device, dtype, device_map, "
+                            "max_memory, offload_folder, sparse_kernels")
+    check(**{k: v for k, v in options.items() if k != "sparse_kernels"})
     return options
 
 
