@@ -1,9 +1,9 @@
 """Engine speed on a LLaVA-1.5-shaped language model scaled to a 2-core CPU (random weights, bf16).
 
 Measures, in one run with interleaved repeats:
-  * prefill with no plan: the engine vs transformers' own forward (overhead target: within 5%);
+  * prefill with no plan: the engine vs transformers' own forward (overhead target: at most 2%);
   * prefill with 75% of visual tokens dropped from layer 2, and with 25% of layers skipped, each as a
-    measured speed-up next to the FLOPs-predicted one (target: measured >= 0.85 x predicted);
+    measured speed-up next to the FLOPs-predicted one (target: measured >= 0.95 x predicted);
   * per-token decode time with the pruned KV cache vs the full one;
   * generation with no plan against transformers' own `generate` (same model, sdpa, greedy, no stop),
     at each of --decode-lengths new tokens (default 128 and 1024): time per token as
@@ -13,6 +13,7 @@ The vision tower is tiny and outside the timed region (embeddings are prepared o
 language model, which is what token and layer pruning change.
 
     python benchmarks/engine_speed.py [--json benchmarks/results/engine_speed.json]
+    python benchmarks/engine_speed.py --batch 32 --repeats 3 --decode-lengths ''   # prefill overhead at batch 32
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ def build(args) -> tuple[vlmprune.PrunedModel, dict]:
     model = transformers.LlavaForConditionalGeneration(config).eval().to(torch.bfloat16)
     n_visual = (side // 7) ** 2
     half = args.text // 2
-    ids = torch.cat([torch.randint(2, 31000, (half,)), torch.full((n_visual,), 31999), torch.randint(2, 31000, (args.text - half,))])[None]
-    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(1, 3, side, side))
+    ids = torch.stack([torch.cat([torch.randint(2, 31000, (half,)), torch.full((n_visual,), 31999),
+                                  torch.randint(2, 31000, (args.text - half,))]) for _ in range(args.batch)])
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(args.batch, 3, side, side))
     return vlmprune.wrap(model), inputs
 
 
@@ -102,6 +104,7 @@ def main() -> None:
     parser.add_argument("--ffn", type=int, default=2816)
     parser.add_argument("--visual", type=int, default=576)
     parser.add_argument("--text", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=1, help="samples per prefill (the generate comparison runs at this batch too)")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--decode-lengths", default="128,1024", help="new tokens for the generate comparison ('' to skip)")
@@ -163,7 +166,7 @@ def main() -> None:
         row["measured_over_predicted"] = row["measured_speedup"] / row["predicted_speedup"]
 
     print(f"LLaVA-1.5-shaped LM: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, FFN {args.ffn}, "
-          f"{n_visual} visual + {args.text} text tokens, bf16, {torch.get_num_threads()} threads")
+          f"{n_visual} visual + {args.text} text tokens, batch {args.batch}, bf16, {torch.get_num_threads()} threads")
     print(f"transformers forward prefill: {prefill_ms['transformers forward']:.1f} ms; engine overhead {overhead * 100:+.1f}%")
     print(f"| {'setting':<30} | prefill ms | FLOPs share | predicted x | measured x | meas/pred | KV MiB | decode ms/token |")
     print(f"|{'-' * 32}|-----------:|------------:|------------:|-----------:|----------:|-------:|----------------:|")
@@ -179,8 +182,8 @@ def main() -> None:
     result = dict(config=vars(args), n_visual=n_visual, threads=torch.get_num_threads(),
                   transformers_prefill_ms=prefill_ms["transformers forward"], engine_overhead=overhead, rows=rows,
                   generation=generation,
-                  targets=dict(overhead_within_5pct=abs(overhead) <= 0.05,
-                               speedups_at_least_085_of_predicted=all(r["measured_over_predicted"] >= 0.85 for r in rows[1:]),
+                  targets=dict(overhead_at_most_2pct=overhead <= 0.02,  # issue 22 (a faster engine passes)
+                               speedups_at_least_095_of_predicted=all(r["measured_over_predicted"] >= 0.95 for r in rows[1:]),
                                decode_within_5pct_of_generate=all(g["engine_over_transformers"] <= 1.05 for g in generation)))
     out = write_json(args.json, result)
     print(f"targets: {result['targets']}  -> {out}")

@@ -179,3 +179,56 @@ def test_capture_computes_only_the_first_block_and_records_the_real_calls(family
                 h.remove()
         assert all(torch.equal(a, b) for a, b in zip(first, slow_first))
         assert all(calibrate._same_call(a, b) for ca, cb in zip(calls, slow_calls) for a, b in zip(ca, cb))
+
+
+class _Shared(torch.nn.Module):
+    """A block whose `a` runs twice per forward (shared weights), then `b`."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(self.a(self.a(x)))
+
+
+class _Fork(torch.nn.Module):
+    """Two linears fed the very same tensor (as q / k / v), then a third."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.c(self.a(x) * self.b(x))
+
+
+@pytest.mark.parametrize("kind", ["chain", "shared", "fork"])
+def test_input_statistics_equal_whole_forwards_and_stop_early_only_when_safe(kind):
+    """Against InputStats fed by plain hooks over whole forwards: the same statistics (Hessians too),
+    while the last linear computes only in the first, counting forward unless a linear runs twice."""
+    from vlmprune.weights import calibrate
+    from vlmprune.weights.local import InputStats
+
+    torch.manual_seed(0)
+    block = {"chain": lambda: torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3)),
+             "shared": _Shared, "fork": _Fork}[kind]()
+    found = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    hidden = [torch.randn(2, 5, 4) for _ in range(3)]
+    calls = [calibrate._Call((), {}, False)] * 3
+    ran, ref = [], {n: InputStats(m.in_features, hessian=True) for n, m in found.items()}
+    handles = [m.register_forward_pre_hook(ref[n].hook) for n, m in found.items()]
+    with torch.no_grad():
+        for x in hidden:
+            block(x)
+    for h in handles:
+        h.remove()
+    stats = {n: InputStats(m.in_features, hessian=True) for n, m in found.items()}
+    handle = list(found.values())[-1].register_forward_hook(lambda *a: ran.append(1))
+    calibrate.input_statistics(block, found, stats, hidden, calls)
+    handle.remove()
+    assert len(ran) == (3 if kind == "shared" else 1)
+    for n in found:
+        assert stats[n].n == ref[n].n
+        torch.testing.assert_close(stats[n].norm, ref[n].norm)
+        torch.testing.assert_close(stats[n].hessian, ref[n].hessian)

@@ -301,6 +301,57 @@ def run_block(block: nn.Module, hidden: torch.Tensor, call: _Call) -> torch.Tens
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class _StatsDone(Exception):
+    """Raised by the statistics hook of a block's last selected linear: the rest of the forward is unused."""
+
+
+def input_statistics(
+    block: nn.Module, found: Mapping[str, nn.Linear], stats: Mapping[str, InputStats], hidden: Sequence[torch.Tensor], calls: Sequence[_Call]
+) -> None:
+    """Feed each selected linear's inputs over every captured batch into its `stats`.
+
+    The block's outputs are not needed here, so each forward stops as soon as the last selected linear
+    has seen its input (before that linear computes: for a decoder layer whose last linear is the MLP's
+    down projection, about a quarter of the block's work). That is exact only if every linear is called
+    once per forward: the first batch runs the whole forward and counts the calls, and stopping is
+    switched on only if each was called exactly once. Linears fed the very same tensor in a forward
+    (q / k / v, gate / up) share one computation of its statistics (the Hessian's ``X^T X`` above all)."""
+    seen: dict[str, int] = {}
+    shared: dict[tuple, tuple] = {}  # (id(input), ...) -> (input, its moments), within one forward
+    stop = False
+
+    def recorder(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x, mine = args[0], stats[name]
+            key = (id(x), None if mine.xtx is None else mine.xtx.dtype, mine.sq_sum.device)  # summed the same way
+            hit = shared.get(key)
+            if hit is None or hit[0] is not x or hit[1] != x._version:  # not the same, unchanged tensor
+                hit = shared[key] = (x, x._version, mine.moments(x))
+            mine.accumulate(hit[2])
+            seen[name] = seen.get(name, 0) + 1
+            if stop and len(seen) == len(found):
+                raise _StatsDone
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(recorder(name)) for name, m in found.items()]
+    try:
+        with torch.no_grad():
+            for b, (x, call) in enumerate(zip(hidden, calls)):
+                seen.clear()
+                shared.clear()
+                try:
+                    run_block(block, x, call)
+                except _StatsDone:
+                    pass
+                if b == 0:
+                    stop = len(seen) == len(found) and all(n == 1 for n in seen.values())
+        shared.clear()
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def blockwise(
     model: nn.Module,
     batches: Sequence[Mapping],
@@ -336,14 +387,7 @@ def blockwise(
             block, found = stack.blocks[i], chosen.get(i, {})
             if found:
                 stats = {name: InputStats(m.in_features, hessian=hessian, device=m.weight.device) for name, m in found.items()}
-                handles = [m.register_forward_pre_hook(stats[name].hook) for name, m in found.items()]
-                try:
-                    with torch.no_grad():
-                        for x, call in zip(hidden, calls[i]):
-                            run_block(block, x, call)
-                finally:
-                    for h in handles:
-                        h.remove()
+                input_statistics(block, found, stats, hidden, calls[i])
                 yield BlockStep(stack.name, i, block, found, stats, hidden)
             if i < last:
                 with torch.no_grad():  # the block as it is now (pruned) makes the next block's inputs

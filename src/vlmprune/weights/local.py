@@ -181,14 +181,23 @@ class InputStats:
         self.xtx = torch.zeros(in_features, in_features, dtype=dtype, device=device) if hessian else None
 
     def add(self, x: torch.Tensor) -> None:
+        self.accumulate(self.moments(x))
+
+    def moments(self, x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor | None]:
+        """What `add` adds for inputs ``x``: (samples, column sums of squares, ``X^T X`` or None); linears
+        fed the same tensor (q / k / v, gate / up) can share one computation (`accumulate` each)."""
         if x.shape[-1] != self.in_features:
             raise VlmpruneError(f"inputs have {x.shape[-1]} features, but these stats are for in_features={self.in_features}")
         x = x.detach().reshape(-1, self.in_features).to(self.sq_sum.device)  # (samples, in)
-        self.n += x.shape[0]
-        self.sq_sum += x.float().square().sum(0).double()
+        xd = None if self.xtx is None else x.to(self.xtx.dtype)
+        return x.shape[0], x.float().square().sum(0).double(), None if xd is None else xd.T @ xd
+
+    def accumulate(self, moments: tuple[int, torch.Tensor, torch.Tensor | None]) -> None:
+        n, sq_sum, xtx = moments
+        self.n += n
+        self.sq_sum += sq_sum
         if self.xtx is not None:
-            xd = x.to(self.xtx.dtype)
-            self.xtx.addmm_(xd.T, xd)
+            self.xtx += xtx
 
     def hook(self, module: nn.Module, args: tuple) -> None:
         """A forward pre-hook: records the module's input."""
