@@ -117,7 +117,7 @@ def main() -> None:
     with torch.no_grad():
         prep = pm.prepare(**inputs)
     n_visual = prep.n_visual[0]
-    keep = torch.linspace(0, n_visual - 1, n_visual // 4).round().long()[None]
+    keep = torch.linspace(0, n_visual - 1, n_visual // 4).round().long()[None].repeat(args.batch, 1)
     skip = [args.layers - 3, args.layers - 2][: max(1, args.layers // 4)]
     plans = {
         "no plan": vlmprune.Plan(),
