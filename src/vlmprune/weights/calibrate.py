@@ -346,8 +346,8 @@ def input_statistics(
                     pass
                 if b == 0:
                     stop = len(seen) == len(found) and all(n == 1 for n in seen.values())
-        shared.clear()
     finally:
+        shared.clear()  # drop the last forward's inputs
         for h in handles:
             h.remove()
 
