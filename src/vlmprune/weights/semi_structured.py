@@ -89,10 +89,11 @@ def to_semi_structured(
         if notify:
             warnings.warn(report.notice, stacklevel=2)
         return report
+    real = convert is None
     convert = convert or torch.sparse.to_sparse_semi_structured
     for name, module in candidates:
         reason = _why_not(module.weight)
-        if reason is None and convert is torch.sparse.to_sparse_semi_structured:
+        if reason is None and real:
             reason = kernel_support(module.weight.device)  # a model split over devices: each linear where it lives
         if reason:
             report.skipped[name] = reason
