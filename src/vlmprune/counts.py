@@ -103,18 +103,25 @@ class LMCounts:
         """Counts from, per sample, the visual tokens present from each stage layer on (`keep`), the
         skipped layers and the query rows scored per layer."""
         batch = len(n_text)
-        tokens = torch.zeros(batch, n_layers, dtype=torch.long)
-        run = torch.ones(batch, n_layers, dtype=torch.bool)
-        rows = torch.zeros(batch, n_layers, dtype=torch.long)
+        tokens, run, rows = [], [], []  # Python lists, one tensor each at the end (AtFlops prices many)
         for b in range(batch):
-            present = n_visual[b]
+            present, row = n_visual[b], []
             for layer in range(n_layers):
                 present = keep[b].get(layer, present)
-                tokens[b, layer] = n_text[b] + present
-            for layer in skip[b] if skip else ():
-                run[b, layer] = False
+                row.append(int(n_text[b] + present))
+            tokens.append(row)
+            skipped = {int(layer) for layer in skip[b]} if skip else set()
+            if not skipped <= set(range(n_layers)):
+                raise VlmpruneError(f"sample {b} skips layers {sorted(skipped)}, outside 0..{n_layers - 1}")
+            run.append([layer not in skipped for layer in range(n_layers)])
+            scored = [0] * n_layers
             for layer, r in (score_rows[b] if score_rows else {}).items():
-                rows[b, layer] += r
+                scored[layer] += int(r)
+            rows.append(scored)
+        shape = (batch, n_layers)
+        tokens = torch.tensor(tokens, dtype=torch.long).reshape(shape)
+        run = torch.tensor(run, dtype=torch.bool).reshape(shape)
+        rows = torch.tensor(rows, dtype=torch.long).reshape(shape)
         text, visual = torch.as_tensor(n_text, dtype=torch.long), torch.as_tensor(n_visual, dtype=torch.long)
         head = torch.as_tensor(head_rows, dtype=torch.long).expand(batch).clone()
         return cls(tokens, run, rows, text, visual, head)

@@ -153,3 +153,12 @@ def test_a_policy_may_skip_later_layers(tiny_models, family):
     prep = pm.prepare(**batch.kwargs())
     with pytest.raises(vlmprune.VlmpruneError, match="skips layer 1 of sample 0, which has already run"):
         prefill(pm.adapter, prep, vlmprune.Plan(), [_DropAndSkipLater(3, keep, [1, 4])])
+    # a later decision may keep only tokens still present: sample 1 asks again for one dropped at layer 2
+    dropped = [sorted(set(range(n)) - set(row.tolist())) for n, row in zip(batch.n_visual, keep)]
+    again = [row if b != 1 else torch.cat([row, torch.tensor(dropped[1][:1])]) for b, row in enumerate(keep)]
+    with pytest.raises(vlmprune.VlmpruneError, match="layer 3 keeps visual tokens of sample 1 that were dropped earlier"):
+        prefill(pm.adapter, prep, vlmprune.Plan(keep={2: keep}), [_DropAndSkipLater(3, again, [4])])
+    # a subset of what is present is accepted
+    subset = [row[: max(1, row.numel() - 1)] for row in keep]
+    out = prefill(pm.adapter, prep, vlmprune.Plan(keep={2: keep}), [_DropAndSkipLater(3, subset, [4])])
+    assert out.stats.visual_tokens[:, 3].tolist() == [row.numel() for row in subset]

@@ -11,7 +11,7 @@ import vlmprune
 from conftest import make_batch
 from vlmprune.engine.plan import Plan
 from vlmprune.eval.flops import LMCounts
-from vlmprune.methods.budget import method_counts
+from vlmprune.methods.budget import first_reaching, method_counts
 from vlmprune.methods.registry import METHODS
 
 TARGETS = (0.3, 0.55, 0.8, 1.0)
@@ -64,6 +64,27 @@ def _check_closest(pm, batch, method, values, knob):
         below = max((s for s in brute if s <= target), default=min(brute))
         above = min((s for s in brute if s >= target), default=max(brute))
         assert below - 1e-12 <= achieved <= above + 1e-12 and chosen.value in values
+
+
+def test_the_search_finds_the_first_share_reaching_the_target_with_few_pricings():
+    """`first_reaching` against a scan of every index, on non-decreasing shares with plateaus, jumps
+    and curvature; and near-linear shares (what pricing gives) take a handful of pricings."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        n = int(torch.randint(1, 200, (1,), generator=gen))
+        steps = torch.rand(n, generator=gen) ** (1 + trial % 4) * (torch.rand(n, generator=gen) < 0.7)
+        shares = (steps.cumsum(0) / max(float(steps.sum()), 1e-9)).tolist()
+        for target in (0.0, 0.3, 0.5, 0.71, 1.0, 1.5, shares[n // 2]):
+            calls = []
+            found = first_reaching(lambda i: calls.append(i) or shares[i], n, target)
+            expected = next((i for i, s in enumerate(shares) if s >= target), n - 1)
+            assert found == expected, (n, target)
+            assert len(set(calls)) <= 2 * max(1, n).bit_length() + 2
+    linear = [(k + 1) / 144 * 0.9 + 0.1 for k in range(144)]
+    for target in (0.25, 0.5, 0.6, 0.8):
+        calls = set()
+        first_reaching(lambda i: calls.add(i) or linear[i], 144, target)
+        assert len(calls) <= 5
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", pytest.param("llava_next", marks=pytest.mark.slow)])

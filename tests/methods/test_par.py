@@ -64,6 +64,16 @@ def test_balanced_selection_keeps_each_tiles_best_token_first():
         out = RouterOutput(logits, torch.zeros(1, 3), [n], [grid])
         chosen = set(out.selection_scores(torch.tensor([k]))[0].topk(k).indices.tolist())
         assert chosen == _balanced_reference(logits[0].tolist(), grid, k)
+    # a ragged batch, scored in groups of equal count, grid and budget: each sample as the brute force
+    batch = [((12, 12), 144, 36), ((12, 12), 144, 36), ((12, 12), 144, 100), (None, 50, 7), ((12, 12), 144, 36), (None, 50, 7), ((6, 8), 48, 10)]
+    logits = torch.full((len(batch), 144), float("-inf"))
+    for b, (_, n, _) in enumerate(batch):
+        logits[b, :n] = torch.randn(n, generator=gen)
+    keep = torch.tensor([k for *_, k in batch])
+    scores = RouterOutput(logits, torch.zeros(len(batch), 3), [n for _, n, _ in batch], [g for g, *_ in batch]).selection_scores(keep)
+    for b, (grid, n, k) in enumerate(batch):
+        assert bool(scores[b, n:].isneginf().all())
+        assert set(scores[b, :n].topk(k).indices.tolist()) == _balanced_reference(logits[b, :n].tolist(), grid, k)
     # a 4x4 grid and 4 tokens: one per 2x2 quadrant; the plain router keeps its top 4 wherever they are
     logits = torch.zeros(1, 16)
     logits[0, [0, 1, 4, 5]] = 5.0  # the four best all in the top-left quadrant

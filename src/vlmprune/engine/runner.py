@@ -227,7 +227,7 @@ def prefill(
             decided = decision if isinstance(decision, Plan) else Plan(keep={i: decision})
             decided.validate(n_layers, n_visual)
             if i in decided.keep:  # (a decision may only skip later layers)
-                stages[i] = _restrict(decided.keep[i], state.kept_visual(), i)
+                stages[i] = _restrict(decided.keep[i], state, i)
             if i in decided.merge:
                 merges[i] = decided.merge[i]
             if any(decided.skip_sets(batch)):
@@ -300,10 +300,10 @@ def _later_skips(
     return SkippedLayers(tuple(a | b for a, b in zip(skips, decided)), per_sample=True)
 
 
-def _restrict(chosen: KeepRows, present: KeepRows, layer: int) -> KeepRows:
-    for b, (row, have) in enumerate(zip(chosen, present)):
-        if not bool(torch.isin(row, have).all()):
-            raise VlmpruneError(f"the decision at layer {layer} keeps visual tokens of sample {b} that were dropped earlier")
+def _restrict(chosen: KeepRows, state: TokenState, layer: int) -> KeepRows:
+    bad = state.first_absent(chosen)
+    if bad is not None:
+        raise VlmpruneError(f"the decision at layer {layer} keeps visual tokens of sample {bad} that were dropped earlier")
     return chosen
 
 

@@ -49,9 +49,18 @@ class TokenState:
         t = torch.arange(self.valid.shape[1], device=self.valid.device)
         return torch.where(self.valid, t, -1).amax(1)
 
-    def kept_visual(self) -> KeepRows:
-        """The visual-token indices still present, one sorted row per sample."""
-        return tuple(torch.sort(row[row >= 0]).values.cpu() for row in self.visual_index)
+    def first_absent(self, keep: KeepRows) -> int | None:
+        """The first sample whose row in `keep` names a visual token no longer present, else None
+        (one read from the device, whatever the batch)."""
+        device = self.visual_index.device
+        n_cols = int(self.visual_index.max()) + 1
+        sample, index = _flat_rows(keep, device)
+        present = torch.zeros(self.batch_size, max(n_cols, 1), dtype=torch.bool, device=device)
+        b_idx, t_idx = (self.visual_index >= 0).nonzero(as_tuple=True)
+        present[b_idx, self.visual_index[b_idx, t_idx]] = True
+        absent = (index >= n_cols) | ~present[sample, index.clamp(max=max(n_cols - 1, 0))]
+        bad = sample[absent]
+        return int(bad.min()) if bad.numel() else None
 
     def keep_visual(self, keep: KeepRows, merge: KeepRows | None = None) -> "TokenState":
         """A new state with only the kept visual tokens (and every text token) of each sample.
@@ -63,9 +72,9 @@ class TokenState:
         device = self.valid.device
         hidden_src = self.hidden if merge is None else self._merged_hidden(merge)
         n_cols = max(int(self.visual_index.max()) + 1, 1)
+        sample, index = _flat_rows(keep, device)
         table = torch.zeros(bsz, n_cols, dtype=torch.bool, device=device)
-        for b, row in enumerate(keep):
-            table[b, row.to(device)] = True
+        table[sample, index] = True
         is_visual = self.visual_index >= 0
         kept = self.valid & (~is_visual | table.gather(1, self.visual_index.clamp(min=0)))
         counts = kept.sum(1)
@@ -109,6 +118,14 @@ class TokenState:
         has = counts > 0
         merged[has] = (sums[has] / counts[has, None]).to(merged.dtype)
         return merged.view(bsz, length, dim)
+
+
+def _flat_rows(rows: KeepRows, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sample, index) of every entry of per-sample index rows, flattened, on `device`."""
+    lengths = torch.tensor([row.numel() for row in rows], dtype=torch.long)
+    sample = torch.repeat_interleave(torch.arange(len(rows)), lengths).to(device)
+    index = torch.cat([row.reshape(-1).to(device=device, dtype=torch.long) for row in rows]) if rows else sample
+    return sample, index
 
 
 def prefill_mask(

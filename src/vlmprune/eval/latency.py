@@ -121,6 +121,18 @@ def measure_latency(
     )
 
 
+def prefill_seconds(pm: PrunedModel, inputs: dict[str, torch.Tensor], prune: Any = None) -> float:
+    """Time to first token of one run, as `measure_latency` times its prefill (for a caller that
+    interleaves the runs of several settings, so drift hits each alike)."""
+    gpus = [d for d in pm.devices if d.type == "cuda"]
+
+    def sync() -> None:
+        for gpu in gpus:
+            torch.cuda.synchronize(gpu)
+
+    return _run(pm, inputs, prune, 0, sync).prefill_s
+
+
 @dataclass
 class _Run:
     prefill_s: float

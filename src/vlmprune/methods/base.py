@@ -166,7 +166,22 @@ def top_visual(view: StageView, scores: torch.Tensor, keep: float | int) -> list
     `scores` is ``[B, n_cols]`` over visual indices, -inf where a token is absent (`StageView.visual_scores`).
     """
     present = view.state.visual_counts().tolist()
-    return [row.topk(keep_count(keep, n)).indices for row, n in zip(scores, present)]
+    return top_rows(scores, [keep_count(keep, n) for n in present])
+
+
+def top_rows(scores: torch.Tensor, counts: list[int], widths: list[int] | None = None) -> list[torch.Tensor]:
+    """Each row b's top-``counts[b]`` indices among its first ``widths[b]`` scores (every score when
+    None), as one top-k per group of rows with the same width and count."""
+    widths = [scores.shape[1]] * len(counts) if widths is None else widths
+    groups: dict[tuple[int, int], list[int]] = {}
+    for b, key in enumerate(zip(widths, counts)):
+        groups.setdefault(key, []).append(b)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(counts)
+    for (width, k), members in groups.items():
+        index = torch.tensor(members, device=scores.device)
+        for b, row in zip(members, scores[index, :width].topk(k, dim=1).indices):
+            out[b] = row
+    return out
 
 
 def last_token_attention(view: StageView) -> torch.Tensor:

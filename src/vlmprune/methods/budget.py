@@ -15,7 +15,7 @@ schedule as counts (``schedule(sample, n_layers)``, FastV / PDrop / SparseVLM); 
 itself (``lm_counts(pm, prep) -> LMCounts``, PAR: its cost does not depend on which tokens or layers
 its router picks, so no routing pass runs per candidate); any other method's plan is decided
 (before the LLM, no decoder layer runs) and priced. The priced share grows with the
-budget (more tokens or layers never cost less), so a bisection over the candidates finds the closest
+budget (more tokens or layers never cost less), so a search over the candidates (`first_reaching`) finds the closest
 one. The run's own accounting reports the share achieved: ``vlmprune.flops(pm, out.stats).share``.
 """
 
@@ -56,14 +56,15 @@ def sample_shapes(prep) -> list[SampleShape]:
     first = torch.where(visual, t, real.shape[1]).amin(1, keepdim=True)
     after = (real & ~visual & (t > first)).sum(1)
     text = (real & ~visual).sum(1)
-    return [SampleShape(int(a), int(b), int(c)) for a, b, c in zip(text, visual.sum(1), after)]
+    return [SampleShape(*row) for row in zip(text.tolist(), visual.sum(1).tolist(), after.tolist())]
 
 
-def method_counts(method: Any, pm, prep) -> LMCounts:
-    """The language model's work under `method` for a prepared batch, as counts, without running the model."""
+def method_counts(method: Any, pm, prep, shapes: list[SampleShape] | None = None) -> LMCounts:
+    """The language model's work under `method` for a prepared batch, as counts, without running the
+    model (`shapes`: the batch's `sample_shapes`, when the caller has them)."""
     if isinstance(method, PricesItself):  # the method prices itself (e.g. PAR, without a routing pass)
         return method.lm_counts(pm, prep)
-    shapes = sample_shapes(prep)
+    shapes = sample_shapes(prep) if shapes is None else shapes
     n_text, n_visual = [s.n_text for s in shapes], [s.n_visual for s in shapes]
     if isinstance(method, Schedules):
         plans = [method.schedule(s, pm.n_layers) for s in shapes]
@@ -77,6 +78,30 @@ def method_counts(method: Any, pm, prep) -> LMCounts:
             "a FLOPs budget cannot price it without running the model (see methods/base.py: Schedule)"
         )
     return LMCounts.from_plan(plan, n_text, n_visual, pm.n_layers)
+
+
+def first_reaching(share, n: int, target: float) -> int:
+    """The first index i in 0..n-1 with ``share(i) >= target`` (n - 1 if none), for a non-decreasing
+    `share`. A safeguarded interpolation search: a priced share is close to linear in the budget, so
+    a guess from the bracket's two shares lands within a step or two (about 4 pricings over 144
+    candidates where a bisection needs 8); every other step is a bisection, so it never needs more
+    than about twice a bisection's."""
+    lo, hi = 0, n - 1  # the answer is in lo..hi; share(lo - 1) < target when lo > 0
+    if n == 1 or share(lo) >= target:
+        return lo
+    if share(hi) < target:
+        return hi
+    interpolate = True  # from here: share(lo) < target <= share(hi)
+    while hi - lo > 1:
+        if interpolate:
+            s_lo, s_hi = share(lo), share(hi)
+            guess = lo + round((target - s_lo) / (s_hi - s_lo) * (hi - lo))
+        else:
+            guess = (lo + hi) // 2
+        guess = min(max(guess, lo + 1), hi - 1)
+        lo, hi = (guess, hi) if share(guess) < target else (lo, guess)
+        interpolate = not interpolate
+    return hi
 
 
 @dataclass(frozen=True)
@@ -124,26 +149,24 @@ class AtFlops:
             raise VlmpruneError("a token budget needs visual tokens; the batch has none")
         return sorted({k / n for n in counts for k in range(1, n + 1)})
 
-    def price(self, pm, prep, value) -> float:
+    def price(self, pm, prep, value, shapes: list[SampleShape] | None = None) -> float:
         """The batch's priced LM prefill share with the budget set to `value` (the model does not run)."""
         method = dataclasses.replace(self.method, **{self.knob: value})
-        return lm_share(pm.adapter.text_config, method_counts(method, pm, prep))
+        return lm_share(pm.adapter.text_config, method_counts(method, pm, prep, shapes))
 
     def resolve(self, pm, prep) -> Budgeted:
         values = self.candidates(pm, prep)
+        shapes = None if isinstance(self.method, PricesItself) else sample_shapes(prep)  # (it prices itself)
         memo: dict[int, float] = {}
 
         def share(i: int) -> float:
             if i not in memo:
-                memo[i] = self.price(pm, prep, values[i])
+                memo[i] = self.price(pm, prep, values[i], shapes)
             return memo[i]
 
         if len(values) > 1 and share(0) == share(len(values) - 1):
             raise VlmpruneError(f"{type(self.method).__name__}'s {self.knob} does not change its FLOPs here; nothing to search")
-        lo, hi = 0, len(values) - 1  # bisection: the first candidate whose share reaches the target
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (mid + 1, hi) if share(mid) < self.share else (lo, mid)
+        lo = first_reaching(share, len(values), self.share)
         best = lo
         if lo > 0 and abs(share(lo - 1) - self.share) <= abs(share(lo) - self.share):
             best = lo - 1  # the cheaper one on a tie

@@ -51,34 +51,46 @@ def balanced_row(logits: torch.Tensor, grid, k: int) -> torch.Tensor:
     (recursively, over the tile grid, by each tile's best logit); second and later rounds go by logit.
     Above half the tokens the rule is applied to what is dropped: the n - k dropped tokens are the
     worst token of every tile for a budget of n - k, so drops are spread over the image too."""
-    n = logits.shape[0]
+    return balanced_rows(logits[None], grid, k)[0]
+
+
+def balanced_rows(logits: torch.Tensor, grid, k: int) -> torch.Tensor:
+    """`balanced_row` of every row of ``logits [G, n]`` at once (rows sharing n, `grid` and k)."""
+    rows, n = logits.shape
     if n < 2 * k < 2 * n:
-        return -balanced_row(-logits, grid, n - k)
+        return -balanced_rows(-logits, grid, n - k)
+    device = logits.device
     tile, tile_grid = tiles(n, grid, k)
-    tile = tile.to(logits.device)
+    tile = tile.to(device)
     # sort by tile, then by logit (descending) inside a tile: rank = place within the tile
-    order = torch.argsort(logits, descending=True, stable=True)
-    order = order[torch.argsort(tile[order], stable=True)]
+    order = torch.argsort(logits, dim=1, descending=True, stable=True)
+    order = order.gather(1, torch.argsort(tile[order], dim=1, stable=True))
     counts = torch.bincount(tile)
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty(n, device=logits.device)
-    rank[order] = (torch.arange(n, device=logits.device) - starts[tile[order]]).to(rank.dtype)
+    rank = torch.empty(rows, n, device=device)
+    rank.scatter_(1, order, (torch.arange(n, device=device) - starts[tile[order]]).to(rank.dtype))
     within = torch.sigmoid(logits.float()).to(rank.dtype)
     m = counts.numel()
     if k < m:  # not every tile gets a token: choose which, spread over the tile grid
-        best = torch.full((m,), float("-inf"), device=logits.device, dtype=logits.dtype).scatter_reduce(0, tile, logits, "amax")
-        tile_order = torch.argsort(balanced_row(best, tile_grid, k), descending=True, stable=True)
-        place = torch.empty(m, device=logits.device, dtype=rank.dtype)
-        place[tile_order] = torch.arange(m, device=logits.device, dtype=rank.dtype)
-        within = torch.where(rank == 0, 1 - place[tile] / m, within)
+        best = torch.full((rows, m), float("-inf"), device=device, dtype=logits.dtype)
+        best = best.scatter_reduce(1, tile.expand(rows, n), logits, "amax")
+        tile_order = torch.argsort(balanced_rows(best, tile_grid, k), dim=1, descending=True, stable=True)
+        place = torch.empty(rows, m, device=device, dtype=rank.dtype)
+        place.scatter_(1, tile_order, torch.arange(m, device=device, dtype=rank.dtype).expand(rows, m))
+        within = torch.where(rank == 0, 1 - place[:, tile] / m, within)
     return -rank + 0.5 * within
 
 
 def balanced_scores(logits: torch.Tensor, n_visual: list[int], grids, keep: torch.Tensor) -> torch.Tensor:
     """``[B, V]`` scores whose top-``keep[b]`` is sample b's tile-balanced selection (`balanced_row`);
-    -inf past a sample's count."""
+    -inf past a sample's count. Samples with the same count, grid and budget are scored together."""
     out = torch.full_like(logits, float("-inf"))
+    groups: dict[tuple, list[int]] = {}
     for b, n in enumerate(n_visual):
         if n:
-            out[b, :n] = balanced_row(logits[b, :n].detach(), None if grids is None else grids[b], int(keep[b])).to(out.dtype)
+            grid = None if grids is None or grids[b] is None else tuple(int(g) for g in grids[b])
+            groups.setdefault((n, grid, int(keep[b])), []).append(b)
+    for (n, grid, k), members in groups.items():
+        index = torch.tensor(members, device=logits.device)
+        out[index, :n] = balanced_rows(logits[index, :n].detach(), grid, k).to(out.dtype)
     return out

@@ -40,11 +40,15 @@ def router_path(path) -> Path:
     return Path(path)
 
 
-def read_info(path) -> dict:
-    """``router.json`` of a saved router (config and training information)."""
-    folder = router_path(path)
+def _check_files(folder: Path) -> Path:
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         raise VlmpruneError(f"{folder} is not a PAR router: it needs {CONFIG} and {WEIGHTS} (train one with `vlmprune router train`)")
+    return folder
+
+
+def read_info(path) -> dict:
+    """``router.json`` of a saved router (config and training information)."""
+    folder = _check_files(router_path(path))
     try:
         return json.loads((folder / CONFIG).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -53,8 +57,7 @@ def read_info(path) -> dict:
 
 def load_router(path) -> Router:
     """The router saved in `path` (a directory or ``"testbed"``; cached per directory and file modification times), in eval mode."""
-    folder = router_path(path).resolve()
-    read_info(folder)
+    folder = _check_files(router_path(path).resolve())  # (read and checked once per stamp, in `_load`)
     stamps = tuple((folder / name).stat().st_mtime_ns for name in (CONFIG, WEIGHTS))
     return _load(str(folder), stamps)
 

@@ -17,7 +17,7 @@ from ...engine.runner import StageView
 from ...errors import VlmpruneError
 from ...models.base import PreparedInputs
 from ...validate import check_share
-from ..base import check_keep, check_keep_layers, keep_count, layer_count, layers_kept, opt
+from ..base import check_keep, check_keep_layers, keep_count, layer_count, layers_kept, opt, top_rows
 from ..budget import sample_shapes
 from ..registry import register_method
 from .checkpoint import load_router, router_path
@@ -37,12 +37,13 @@ def plan_from_scores(out: RouterOutput, keep: float | int | None, layers: int | 
     if keep is not None:
         counts = torch.tensor([keep_count(keep, n) for n in out.n_visual])
         scores = out.selection_scores(counts)
-        stages = {token_layer: [scores[b, :n].topk(int(counts[b])).indices for b, n in enumerate(out.n_visual)]}
+        stages = {token_layer: top_rows(scores, counts.tolist(), out.n_visual)}
     if layers is not None:
         n_layers = out.layer_logits.shape[1]
         check_router_layers(layers, n_layers, token_layer)
         later = out.layer_logits[:, token_layer:]
-        skip = tuple(frozenset((row.topk(n_layers - layers, largest=False).indices + token_layer).tolist()) for row in later)
+        lowest = later.topk(n_layers - layers, dim=1, largest=False).indices + token_layer
+        skip = tuple(frozenset(row) for row in lowest.tolist())
     return Plan(keep=stages, skip=skip, overhead=overhead)
 
 

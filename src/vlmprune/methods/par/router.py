@@ -153,7 +153,7 @@ class Router(nn.Module):
         extra = torch.cat([self.layer_tokens.expand(batch, -1, -1), self.budget(shares.to(x.device))[:, None]], 1)
         x = torch.cat([x, extra], 1)
         pad = torch.cat([~prep.attention_mask, torch.zeros(batch, extra.shape[1], dtype=torch.bool, device=x.device)], 1)
-        h = self.norm_out(self.encoder(x, src_key_padding_mask=pad))
+        h = self.norm_out(self._encode(x, pad))
         token_scores = self.token_head(h[:, :length]).squeeze(-1)  # [B, L]
         if c.question_head:
             last = (torch.arange(length, device=x.device) * prep.attention_mask).argmax(1)  # each sample's last real token
@@ -166,6 +166,16 @@ class Router(nn.Module):
         for b, n in enumerate(counts):
             token_logits[b, :n] = token_scores[b][prep.visual_mask[b]]
         return RouterOutput(token_logits, layer_logits, counts, prep.visual_grids, c.balanced)
+
+    def _encode(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """The encoder over `x` with padding keys `pad`, always on PyTorch's plain path (the one training
+        runs): its fused inference path is 3.5x slower on a padded CPU batch (its masked softmax)."""
+        fused = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return self.encoder(x, src_key_padding_mask=pad)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fused)
 
     def macs(self, prep: PreparedInputs) -> torch.Tensor:
         """``[B]`` multiply-adds of one routing pass per sample (matrix products, as the accountant counts)."""
