@@ -15,6 +15,20 @@ def test_json_round_trip_and_repr():
     assert "K=2" in repr(plan) and Plan().is_empty and not plan.is_empty
 
 
+def test_ragged_rows_are_sorted_and_checked_as_each_row_alone():
+    """Rows are normalised in groups of one length: each equals its own sorted unique indices, and
+    the first bad row of a ragged batch is the one named."""
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randperm(30, generator=gen)[: int(k)] for k in torch.randint(0, 12, (40,), generator=gen)]
+    plan = Plan(keep={1: rows})
+    assert [r.tolist() for r in plan.keep[1]] == [torch.unique(r).tolist() for r in rows]
+    bad = rows[:5] + [torch.tensor([4, 2, 4])] + rows[5:9] + [torch.tensor([-3, 1])]
+    with pytest.raises(VlmpruneError, match="row 5: duplicated"):
+        Plan(keep={1: bad})
+    with pytest.raises(VlmpruneError, match="row 9: negative index -3"):
+        Plan(keep={1: [r for b, r in enumerate(bad) if b != 5]})
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

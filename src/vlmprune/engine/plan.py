@@ -55,17 +55,28 @@ def _as_rows(layer: int, idx: Any) -> KeepRows:
         rows = [torch.as_tensor(r) for r in idx]
     else:
         raise VlmpruneError(f"Plan.keep[{layer}] must be a [batch, k] LongTensor or a list of 1-D tensors")
-    out = []
     for b, row in enumerate(rows):
         if row.dtype.is_floating_point or row.dtype == torch.bool or row.dim() != 1:
             raise VlmpruneError(f"Plan.keep[{layer}] row {b}: indices must be a 1-D integer tensor")
-        row = row.detach().to("cpu", torch.long)
-        if row.numel() and int(row.min()) < 0:
-            raise VlmpruneError(f"Plan.keep[{layer}] row {b}: negative index {int(row.min())}; indices count from 0")
-        uniq = torch.unique(row)  # sorted
-        if uniq.numel() != row.numel():
-            raise VlmpruneError(f"Plan.keep[{layer}] row {b}: duplicated visual-token indices; each index at most once")
-        out.append(uniq)
+    out: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(rows)
+    by_length: dict[int, list[int]] = {}
+    for b, row in enumerate(rows):
+        by_length.setdefault(row.numel(), []).append(b)
+    problems: dict[int, str] = {}
+    for length, members in by_length.items():  # rows of one length are sorted and checked together
+        if not length:
+            continue
+        ordered = torch.stack([rows[b].detach().to("cpu", torch.long) for b in members]).sort(1).values
+        negative, repeated = (ordered[:, 0] < 0).tolist(), (ordered.diff(dim=1) == 0).any(1).tolist()
+        for b, row, neg, dup in zip(members, ordered, negative, repeated):
+            if neg:
+                problems[b] = f"negative index {int(row[0])}; indices count from 0"
+            elif dup:
+                problems[b] = "duplicated visual-token indices; each index at most once"
+            out[b] = row
+    if problems:
+        b = min(problems)
+        raise VlmpruneError(f"Plan.keep[{layer}] row {b}: {problems[b]}")
     return tuple(out)
 
 

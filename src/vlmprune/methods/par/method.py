@@ -18,7 +18,6 @@ from ...errors import VlmpruneError
 from ...models.base import PreparedInputs
 from ...validate import check_share
 from ..base import check_keep, check_keep_layers, keep_count, layer_count, layers_kept, opt, top_rows
-from ..budget import sample_shapes
 from ..registry import register_method
 from .checkpoint import load_router, router_path
 from .router import Router, RouterOutput
@@ -128,10 +127,11 @@ class _RouterMethod:
         token_layer = router.config.token_layer
         if layers is not None:
             check_router_layers(layers, pm.n_layers, token_layer)
-        shapes = sample_shapes(prep)
-        n_text, n_visual = [s.n_text for s in shapes], [s.n_visual for s in shapes]
+        real = prep.attention_mask.bool()
+        n_visual = (prep.visual_mask & real).sum(1).tolist()
+        n_text = [r - v for r, v in zip(real.sum(1).tolist(), n_visual)]
         kept = [{} if keep is None else {token_layer: keep_count(keep, n)} for n in n_visual]
-        skip = [range(token_layer, token_layer + (0 if layers is None else pm.n_layers - layers))] * len(shapes)
+        skip = [range(token_layer, token_layer + (0 if layers is None else pm.n_layers - layers))] * len(n_visual)
         counts = LMCounts.from_schedule(n_text, n_visual, pm.n_layers, kept, skip)
         counts.overhead = router.macs(prep).cpu().double()
         return counts

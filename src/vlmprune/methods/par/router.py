@@ -107,15 +107,15 @@ def sinusoid(values: torch.Tensor, features: int) -> torch.Tensor:
 
 def grid_coordinates(prep: PreparedInputs) -> torch.Tensor:
     """``[B, L, 2]`` (row, col) of each visual token in its sample's grid (0 where unknown or text)."""
-    batch, length = prep.input_ids.shape
-    out = torch.zeros(batch, length, 2, dtype=torch.long, device=prep.input_ids.device)
-    for b, grid in enumerate(prep.visual_grids or [None] * batch):
-        where = prep.visual_mask[b].nonzero().squeeze(1)
-        if grid is None or grid[0] * grid[1] != where.numel():
-            continue
-        j = torch.arange(where.numel(), device=where.device)
-        out[b, where, 0], out[b, where, 1] = j // grid[1] + 1, j % grid[1] + 1
-    return out
+    batch = prep.input_ids.shape[0]
+    device = prep.input_ids.device
+    counts = prep.visual_mask.sum(1).tolist()
+    grids = prep.visual_grids or [None] * batch
+    known = [grid is not None and grid[0] * grid[1] == n for grid, n in zip(grids, counts)]
+    cols = torch.tensor([int(grid[1]) if ok else 1 for grid, ok in zip(grids, known)], device=device)[:, None]
+    use = prep.visual_mask & torch.tensor(known, dtype=torch.bool, device=device)[:, None]
+    j = prep.visual_mask.long().cumsum(1) - 1  # each visual token's place in its sample's grid, row-major
+    return torch.stack([j // cols + 1, j % cols + 1], -1) * use[..., None]
 
 
 class Router(nn.Module):
@@ -163,8 +163,9 @@ class Router(nn.Module):
         counts = prep.n_visual
         width = max(counts) if counts else 0
         token_logits = torch.full((batch, width), float("-inf"), dtype=x.dtype, device=x.device)
-        for b, n in enumerate(counts):
-            token_logits[b, :n] = token_scores[b][prep.visual_mask[b]]
+        b_idx, t_idx = prep.visual_mask.nonzero(as_tuple=True)  # visual tokens, in sequence order per sample
+        place = prep.visual_mask.long().cumsum(1) - 1
+        token_logits[b_idx, place[b_idx, t_idx]] = token_scores[b_idx, t_idx]
         return RouterOutput(token_logits, layer_logits, counts, prep.visual_grids, c.balanced)
 
     def _encode(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
