@@ -12,7 +12,9 @@
   --work (torch==2.13.0 first, the CPU wheel, so nothing replaces it), once.
 * Each run is a fresh process, one after the other (tools interleaved: vlmprune, llm-compressor, for
   each run); the time is the pruning call alone (model loading and evaluation excluded), the memory the
-  growth of the process's peak resident set over the pruning call (the same measure for both).
+  growth of the process's peak resident set over the pruning call (the same measure for both), after
+  one short forward has made the weights resident (transformers maps the safetensors file, and pages
+  not yet read joined the resident set during pruning: about 500 MiB that varied between runs).
 * llm-compressor runs with its defaults except the data (64 samples of 256 tokens, in order) and, as
   its documented recipes, ``targets=["Linear"], ignore=["re:.*lm_head"]`` (without the ignore it also
   prunes SmolLM2's LM head, which is tied to the embeddings); vlmprune with
@@ -71,6 +73,8 @@ def worker(tool: str, method: str, sparsity: float, work: Path) -> dict:
     data = load_file(str(work / "data.safetensors"))
     model = AutoModelForCausalLM.from_pretrained(str(work / "model"), dtype=torch.float32).eval()
     calib = data["calib"]
+    with torch.no_grad():  # the weights are a map of the file: read them all once, so they are resident before
+        model(input_ids=calib[:1, :8], use_cache=False)
     before = _rss_bytes()
     if tool == "vlmprune":
         from vlmprune.weights import prune_weights

@@ -57,7 +57,8 @@ class Stack:
 @dataclass
 class BlockStep:
     """What `blockwise` hands over for one block: its selected linears (full module names) and their
-    input statistics, and the block's inputs (one hidden-states tensor per calibration batch)."""
+    input statistics, and the block's inputs (one hidden-states tensor per calibration batch; the list
+    is refilled in place with the block's outputs when the loop resumes, so copy what must outlive the step)."""
 
     stack: str
     index: int
@@ -390,8 +391,9 @@ def blockwise(
                 input_statistics(block, found, stats, hidden, calls[i])
                 yield BlockStep(stack.name, i, block, found, stats, hidden)
             if i < last:
-                with torch.no_grad():  # the block as it is now (pruned) makes the next block's inputs
-                    hidden = [run_block(block, x, call) for x, call in zip(hidden, calls[i])]
+                with torch.no_grad():  # the block as it is now (pruned) makes the next block's inputs,
+                    for j, call in enumerate(calls[i]):  # in place: each batch's input goes as its output comes
+                        hidden[j] = run_block(block, hidden[j], call)
         del hidden, calls
 
 
