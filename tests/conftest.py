@@ -156,6 +156,26 @@ def tiny_models():
     return get
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A local checkpoint of the testbed recipe with random weights (one per test module, which may
+    change it)."""
+    from vlmprune.testbed.recipe import random_checkpoint
+
+    return random_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", seed=1)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    """An 84 x 84 grey-level PNG of noise, the testbed's image size."""
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    Image.fromarray((np.random.default_rng(0).random((84, 84)) * 255).astype("uint8")).save(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def user_checkpoints(tmp_path_factory):
     """family -> directory of a tiny random-weight checkpoint saved like a user's (weights, processor, chat

@@ -12,21 +12,8 @@ from PIL import Image
 
 import vlmprune
 from vlmprune.cli import main
-from vlmprune.testbed.recipe import random_checkpoint
 
 PROMPT = "user : <image> what is in the image ? assistant :"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return random_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", seed=1)
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    path = tmp_path_factory.mktemp("img") / "scene.png"
-    Image.fromarray((np.random.default_rng(0).random((84, 84)) * 255).astype("uint8")).save(path)
-    return path
 
 
 def test_load_gives_the_saved_model_and_processor(checkpoint):

@@ -10,10 +10,8 @@ import math
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import vlmprune
 from conftest import make_batch
@@ -23,7 +21,6 @@ from vlmprune.methods import registry
 from vlmprune.methods.base import parse_budget
 from vlmprune.methods.options import parse_options
 from vlmprune.methods.registry import METHODS, build_method, register_method
-from vlmprune.testbed.recipe import random_checkpoint
 
 PROMPT = "user : <image> what is in the image ? assistant :"
 PLUGIN = '''
@@ -66,18 +63,6 @@ def user_method(tmp_path, monkeypatch):
     name = _plugin(tmp_path, monkeypatch, "every-other", "user_methods")
     yield name, "user_methods"
     METHODS.pop(name)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return random_checkpoint(tmp_path_factory.mktemp("ckpt") / "model", seed=1)
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    path = tmp_path_factory.mktemp("img") / "scene.png"
-    Image.fromarray((np.random.default_rng(0).random((84, 84)) * 255).astype("uint8")).save(path)
-    return path
 
 
 def test_a_users_method_works_by_name_everywhere(user_method, tiny_models):

@@ -51,7 +51,7 @@ class TokenState:
 
     def first_absent(self, keep: KeepRows) -> int | None:
         """The first sample whose row in `keep` names a visual token no longer present, else None
-        (one read from the device, whatever the batch)."""
+        (a few reads from the device, however large the batch)."""
         device = self.visual_index.device
         n_cols = int(self.visual_index.max()) + 1
         sample, index = _flat_rows(keep, device)
