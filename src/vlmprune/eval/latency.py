@@ -85,12 +85,7 @@ def measure_latency(
     if limit is not None and input_ids.shape[1] + decode_tokens + 1 > limit:
         raise VlmpruneError(f"prompt length {input_ids.shape[1]} + {decode_tokens + 1} new tokens exceeds the model's {limit} positions")
     device = pm.input_device  # inputs elsewhere are moved there
-    gpus = [d for d in pm.devices if d.type == "cuda"]  # a device_map may split the model over several
-
-    def sync() -> None:
-        for gpu in gpus:
-            torch.cuda.synchronize(gpu)
-
+    sync = _synchronizer(pm)
     prefill_ms, decode_ms, kv = [], [], (0, 0)
     for i in range(warmup + repeats):
         run = _run(pm, inputs, prune, decode_tokens, sync)
@@ -124,13 +119,18 @@ def measure_latency(
 def prefill_seconds(pm: PrunedModel, inputs: dict[str, torch.Tensor], prune: Any = None) -> float:
     """Time to first token of one run, as `measure_latency` times its prefill (for a caller that
     interleaves the runs of several settings, so drift hits each alike)."""
+    return _run(pm, inputs, prune, 0, _synchronizer(pm)).prefill_s
+
+
+def _synchronizer(pm: PrunedModel) -> Callable[[], None]:
+    """Waits for every GPU the model lives on (a device_map may split it over several); a no-op on the CPU."""
     gpus = [d for d in pm.devices if d.type == "cuda"]
 
     def sync() -> None:
         for gpu in gpus:
             torch.cuda.synchronize(gpu)
 
-    return _run(pm, inputs, prune, 0, sync).prefill_s
+    return sync
 
 
 @dataclass
